@@ -1,0 +1,146 @@
+"""LoRA: a LoRA-capable dense projection, merging, and trainable/frozen tree splits.
+
+A LoRA projection keeps the base `kernel` and adds `lora_a` (in -> r) and `lora_b` (r -> out, zero
+initialised, so a fresh adapter is the identity) under the same scope, e.g.
+`layers_3/self_attn/q_proj/{kernel,lora_a,lora_b}`. Selecting adapters is then a regex over
+'/'-joined paths (`.*/lora_(a|b)`), which is how the train step splits trainable from frozen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+Params = dict[str, Any]
+
+LORA_REGEX = r".*/lora_(a|b)"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _fan_init(scale: float, distribution: str, n_in: int, ndim: int) -> nn.initializers.Initializer:
+    # Multi-axis kernels (e.g. [embed, heads, head_dim]) need explicit fan axes.
+    return nn.initializers.variance_scaling(
+        scale, "fan_in", distribution, in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, ndim))
+    )
+
+
+class LoraDense(nn.Module):
+    """y = x . kernel (+ dropout(x) . lora_a . lora_b * alpha/r), contracting the last `n_in` axes of x.
+
+    `kernel` has shape x.shape[-n_in:] + features and logical axes `kernel_axes`; the LoRA
+    factors inherit the input / output axis names so they shard like the kernel they adapt.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    n_in: int = 1
+    lora: LoraConfig | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kshape = tuple(in_shape) + tuple(self.features)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_fan_init(1.0, "truncated_normal", self.n_in, len(kshape)), self.kernel_axes),
+            kshape,
+            self.param_dtype,
+        )
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        x = x.astype(self.dtype)
+        y = jax.lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
+        if self.lora is None:
+            return y
+        r = self.lora.rank
+        in_axes, out_axes = self.kernel_axes[: self.n_in], self.kernel_axes[self.n_in:]
+        a = self.param(
+            "lora_a",
+            # Same distribution family as peft's kaiming_uniform(a=sqrt(5)) for lora_A.
+            nn.with_logical_partitioning(_fan_init(1.0 / 3.0, "uniform", self.n_in, self.n_in + 1), in_axes + (None,)),
+            tuple(in_shape) + (r,),
+            self.param_dtype,
+        )
+        b = self.param(
+            "lora_b",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,) + out_axes),
+            (r,) + tuple(self.features),
+            self.param_dtype,
+        )
+        h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+        h = jax.lax.dot_general(h, a.astype(self.dtype), (contract, ((), ())))
+        h = jnp.tensordot(h, b.astype(self.dtype), axes=1)
+        return y + (h * self.lora.scale).astype(y.dtype)
+
+
+def merge_lora(params: Params, lora_config: LoraConfig) -> Params:
+    """Folds every (lora_a, lora_b) pair into its sibling `kernel` and drops the LoRA leaves.
+
+    Works for per-layer and scanned (leading 'layers' axis) trees. Pure: returns a new tree.
+    """
+
+    def visit(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        node = {k: visit(v) for k, v in node.items()}
+        if "lora_a" not in node:
+            return node
+        a, b, kernel = node.pop("lora_a"), node.pop("lora_b"), node["kernel"]
+        # A scanned tree shares one leading layer axis between a, b and kernel.
+        stacked = a.ndim + b.ndim - 2 != kernel.ndim
+        fold = lambda a_, b_: jnp.tensordot(a_, b_, axes=1)  # noqa: E731
+        delta = jax.vmap(fold)(a, b) if stacked else fold(a, b)
+        merged = kernel.astype(jnp.float32) + delta.astype(jnp.float32) * lora_config.scale
+        node["kernel"] = merged.astype(kernel.dtype)
+        return node
+
+    return visit(dict(params))
+
+
+def _flat(tree: Params) -> dict[str, Any]:
+    return traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+def split_trainable(params: Params, regexes: str | Sequence[str]) -> tuple[Params, Params]:
+    """Splits `params` into (trainable, frozen) by full-matching regexes against '/'-joined paths."""
+    patterns = [re.compile(r) for r in ([regexes] if isinstance(regexes, str) else regexes)]
+    trainable, frozen = {}, {}
+    for path, leaf in _flat(params).items():
+        (trainable if any(p.fullmatch(path) for p in patterns) else frozen)[path] = leaf
+    return traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(frozen, sep="/")
+
+
+def merge_trees(*trees: Params) -> Params:
+    """Inverse of `split_trainable`: the union of disjoint sparse trees."""
+    merged: dict[str, Any] = {}
+    for tree in trees:
+        flat = _flat(tree)
+        clash = merged.keys() & flat.keys()
+        if clash:
+            raise ValueError(f"trees overlap at {sorted(clash)[:3]}")
+        merged.update(flat)
+    return traverse_util.unflatten_dict(merged, sep="/")
+
+
+def lora_paths(params: Params) -> Iterable[str]:
+    """The '/'-joined paths of all LoRA leaves (handy for logging what is trainable)."""
+    pattern = re.compile(LORA_REGEX)
+    return [p for p in _flat(params) if pattern.fullmatch(p)]

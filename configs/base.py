@@ -41,6 +41,73 @@ def get_config():
     c.sasrec.checkpoint_every_epochs = 5
     c.sasrec.keep_checkpoints = 2
 
+    # ---- the LLM (stages 1, 2, eval) ----
+    c.llm = ml_collections.ConfigDict()
+    c.llm.model = "smollm2"  # 'smollm2' | path to a .gguf | a Hugging Face checkpoint directory
+    c.llm.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    c.llm.param_dtype = "float32"  # storage dtype of the frozen base weights
+    c.llm.remat_policy = "none"  # none | full | dots
+    c.llm.scan_layers = False
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 8
+    c.lora.alpha = 32.0
+    c.lora.dropout = 0.1
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    # Parameters that get gradients, as full-match regexes over '/'-joined param paths.
+    c.trainable = (r"llm/.*lora_(a|b)", r"projector/.*", r"added_embeddings/.*")
+
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.use_ids = True  # Text-ID rendering "<title> [IID]"; False = text-only
+    c.prompts.use_marker = False  # a marker token before each ID slot (ours)
+    c.prompts.eval_template = 0  # the fixed template at evaluation
+    c.prompts.buckets = (256, 384, 512, 640, 768, 1024)
+    c.prompts.target_len = 48
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.weight_tt = 0.1  # a: L_TT = InfoNCE(v_T|U -> v_T)
+    c.loss.weight_ut = 0.1  # b: L_UT = InfoNCE(v_U -> v_T)
+    c.loss.temperature = 0.05
+    c.loss.align_weight = 0.0  # optional ID-text alignment InfoNCE (ours)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 8e-4  # LLaRA: 8e-4 MovieLens, 5e-4 Steam, 7e-4 LastFM
+    c.optim.warmup_fraction = 0.05
+    c.optim.min_lr_ratio = 0.01
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-5
+    c.optim.weight_decay_regex = r"projector/.*"
+    c.optim.max_grad_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128  # effective (global) batch per optimizer step
+    c.train.grad_accum_steps = 32  # micro-batch = batch_size / grad_accum_steps
+    c.train.num_epochs = 1.0
+    c.train.max_train_samples = 0  # 0 = all; else a seeded subsample (CPU-sized runs)
+    c.train.curriculum = False  # LLaRA's curriculum: unified prompt with probability step/total
+    c.train.eval_every_steps = 0  # 0 = only at the end
+    c.train.checkpoint_every_steps = 50
+    c.train.keep_checkpoints = 2
+    c.train.val_samples = 0  # 0 = all validation rows when picking the best checkpoint
+
+    c.stage1 = ml_collections.ConfigDict()
+    c.stage1.datasets = ("movielens", "lastfm", "steam")  # union of their train splits (cross-domain)
+
+    c.stage2 = ml_collections.ConfigDict()
+    c.stage2.sasrec_dir = ""  # stage-0 run dir with item_embeddings.npy; "" -> <workdir>/../sasrec-<dataset>
+    c.stage2.stage1_dir = ""  # stage-1 run dir; "" -> <workdir>/../stage1; "none" = start from the base LLM
+    c.stage2.build_missing = True  # train stage 0 / stage 1 first when their outputs are missing
+    c.stage2.stage1_train_samples = 0  # stage-1 subsample when it is built on the fly (0 = stage1's own setting)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"
+    c.eval.batch_size = 8
+    c.eval.max_new_tokens = 64
+    c.eval.two_tower = True
+
     # ---- run ----
     c.log_every_steps = 50
     add_mesh(c)

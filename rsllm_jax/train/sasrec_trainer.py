@@ -32,7 +32,7 @@ from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_
 # ---------------------------------------------------------------- the run
 def evaluate(model, params, records, cfg, mesh, eval_fn) -> dict:
     ds = pipeline.eval_dataset(
-        records, sasrec_batches.EvalTransform(model.config.num_items, model.config.max_len),
+        records, sasrec_batches.SasrecEvalTransform(model.config.num_items, model.config.max_len, cfg.data.num_candidates),
         global_batch_size=cfg.sasrec.eval_batch_size,
     )
     hits, ranks, valid = [], [], []
@@ -88,7 +88,7 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None) -> dict:
     eval_fn = jax.jit(functools.partial(eval_scores, model))
 
     train_ds = pipeline.train_dataset(
-        split.train, sasrec_batches.TrainTransform(split.num_items, mcfg.max_len),
+        split.train, sasrec_batches.SasrecTrainTransform(split.num_items, mcfg.max_len),
         global_batch_size=bs, seed=cfg.seed, worker_count=cfg.data.grain_workers,
     )
     data_iter = iter(train_ds)

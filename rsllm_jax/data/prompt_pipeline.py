@@ -1,0 +1,111 @@
+"""Grain pipelines that feed the LLM stages: records -> prompts -> padded, bucketed batches.
+
+Training: seeded shuffle (a new permutation every epoch), repeat, per-process slice, then one
+`map_with_index` that draws the 20 candidates (redrawn each epoch: the element index grows across
+epochs), the template (one per batch) and, with the curriculum on, whether the batch uses unified or
+text-only prompts (probability step / total_steps). Everything random is a function of
+(seed, element index), so a resumed iterator replays exactly the batches an uninterrupted run sees.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from rsllm_jax.data.prompts import PromptBuilder, pad_batch
+from rsllm_jax.data.splits import sample_candidates
+
+
+def _process_slice(ds, process_index, process_count):
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    return ds[pi::pc], pc
+
+
+class TrainExample:
+    """Picklable per-element transform (Grain workers may run it in another process).
+
+    Records may come from several datasets (stage 1 trains on their union): `record['dataset']`
+    picks the builder (titles, domain wording) and catalogue; item ids are offset per dataset in
+    `target_item` so InfoNCE's duplicate masking never confuses two datasets' item 7.
+    """
+
+    def __init__(self, builders: dict[str, PromptBuilder], *, num_items: dict[str, int], num_candidates: int,
+                 seed: int, local_batch_size: int, use_ids: bool, curriculum_steps: int = 0):
+        self.builders, self.num_items, self.num_candidates = builders, num_items, num_candidates
+        self.offsets = dict(zip(builders, np.cumsum([0] + [num_items[k] for k in builders])[:-1].tolist()))
+        self.seed, self.local_batch_size = seed, local_batch_size
+        self.use_ids, self.curriculum_steps = use_ids, curriculum_steps
+        self.num_templates = min(len(b.templates) for b in builders.values())
+
+    def batch_choices(self, step: int) -> tuple[int, bool]:
+        """(template, unified?) for the batch at `step`: the same on every example and every host."""
+        rng = np.random.default_rng([self.seed, 7919, step])
+        template = int(rng.integers(self.num_templates))
+        unified = self.use_ids
+        if unified and self.curriculum_steps:
+            unified = bool(rng.random() < min(1.0, step / self.curriculum_steps))
+        return template, unified
+
+    def __call__(self, index: int, record: dict) -> dict:
+        name = record.get("dataset") or next(iter(self.builders))
+        builder = self.builders[name]
+        template, unified = self.batch_choices(index // self.local_batch_size)
+        rng = np.random.default_rng([self.seed, index])
+        cands = sample_candidates(rng, record["history"], record["target"], self.num_items[name], self.num_candidates)
+        ex = builder.render(record["history"], cands, record["target"], template, unified)
+        ex.update(builder.render_target(record["target"], unified))
+        ex["target_item"] = np.int32(self.offsets[name] + record["target"])
+        ex["valid"] = np.int32(1)
+        return ex
+
+
+def train_batches(records: Sequence[dict], example: TrainExample, *, global_batch_size: int, seed: int,
+                  buckets: Sequence[int], process_index=None, process_count=None, worker_count: int = 0):
+    if not records:
+        raise ValueError("no training records: the split is empty (check config.data.dataset and its files)")
+    ds = grain.MapDataset.source(list(records)).seed(seed).shuffle().repeat(None)
+    ds, pc = _process_slice(ds, process_index, process_count)
+    if global_batch_size % pc:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by {pc} processes")
+    ds = ds.map_with_index(example).batch(
+        global_batch_size // pc, drop_remainder=True, batch_fn=functools.partial(pad_batch, buckets=buckets)
+    )
+    it = ds.to_iter_dataset()
+    if worker_count:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+class EvalExample:
+    """Fixed template, the split's frozen candidates, prompt only (the answer is generated)."""
+
+    def __init__(self, builder: PromptBuilder, *, template: int, use_ids: bool):
+        self.builder, self.template, self.use_ids = builder, template, use_ids
+
+    def __call__(self, index: int, record: dict) -> dict:
+        ex = self.builder.render(record["history"], record["candidates"], None, self.template, self.use_ids)
+        ex.update(self.builder.render_target(record["target"], self.use_ids))
+        ex["target_item"] = np.int32(record["target"])
+        ex["row"] = np.int32(index)
+        ex["valid"] = np.int32(1)
+        return ex
+
+
+def eval_batches(records: Sequence[dict], example: EvalExample, *, global_batch_size: int,
+                 buckets: Sequence[int], process_index=None, process_count=None):
+    """In order, no repeat; the last batch is filled with copies of row 0 marked valid=0 so every
+    batch has the same static shape. Prompts are left-padded for generation."""
+    recs = list(records)
+    pad = (-len(recs)) % global_batch_size
+    ds = grain.MapDataset.source(recs + recs[:1] * pad)
+    ds = ds.map_with_index(example)
+    if pad:
+        n = len(recs)
+        ds = ds.map_with_index(lambda i, ex: {**ex, "valid": np.int32(i < n)})
+    ds, pc = _process_slice(ds, process_index, process_count)
+    return ds.batch(global_batch_size // pc, drop_remainder=True,
+                    batch_fn=functools.partial(pad_batch, buckets=buckets, left=True))

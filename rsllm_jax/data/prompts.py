@@ -1,0 +1,177 @@
+"""Unified prompts (spec §3) as token arrays with the masks the losses need.
+
+A prompt is built from pieces tokenized one by one, so the history span, the ID slots and the answer
+span are known exactly (no offset bookkeeping on a finished string):
+
+    <template text> <title> [IID], <title> [IID], ... <template text> <cand> [IID], ... <text> | <answer>\n
+
+Text-ID rendering writes each item as its title followed by an ID slot token (optionally preceded by
+a marker token); text-only rendering writes the title alone. The slot token is never looked up in the
+LLM's table: the model puts projector(E_rec[item]) there (models/rsllm.py). Added tokens get ids
+just past the LLM's vocabulary (vocab_size + k); they are also registered with the tokenizer so
+decoded prompts show them.
+
+Static shapes: examples are padded to the smallest of a few length buckets that fits the batch, so
+XLA compiles one program per bucket, not one per batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import string
+from collections.abc import Sequence
+
+import numpy as np
+
+IID_TOKEN = "[IID]"
+MARKER_TOKEN = "[ITEM]"
+
+# Three templates per domain, our own wording. {history} and {candidates} are replaced by item lists.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "movie": (
+        "A user watched these movies, oldest first: {history}. Candidate movies: {candidates}. "
+        "Which candidate will the user watch next? Reply with its title.\nAnswer:",
+        "Viewing history (in order): {history}.\nChoose the next movie this viewer will watch from: "
+        "{candidates}.\nNext movie:",
+        "Here are the films someone has seen recently: {history}. From this list: {candidates}, name "
+        "the one film they are most likely to watch next.\nThe film is:",
+    ),
+    "music": (
+        "A user listened to these artists, oldest first: {history}. Candidate artists: {candidates}. "
+        "Which candidate will the user listen to next? Reply with the artist's name.\nAnswer:",
+        "Listening history (in order): {history}.\nChoose the next artist this listener will play from: "
+        "{candidates}.\nNext artist:",
+        "Here are the artists someone played recently: {history}. From this list: {candidates}, name "
+        "the one artist they are most likely to play next.\nThe artist is:",
+    ),
+    "game": (
+        "A user played these games, oldest first: {history}. Candidate games: {candidates}. "
+        "Which candidate will the user play next? Reply with its title.\nAnswer:",
+        "Gaming history (in order): {history}.\nChoose the next game this player will pick up from: "
+        "{candidates}.\nNext game:",
+        "Here are the games someone has played recently: {history}. From this list: {candidates}, name "
+        "the one game they are most likely to play next.\nThe game is:",
+    ),
+}
+DOMAIN_OF_DATASET = {"movielens": "movie", "lastfm": "music", "lastfm_raw": "music", "steam": "game", "custom": "movie"}
+
+# Per-example arrays, padded per batch. Fill values for padding.
+PAD_VALUES = dict(input_ids=0, attention_mask=0, slot_items=-1, labels=0, loss_mask=0, history_mask=0,
+                  answer_mask=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    domain: str = "movie"
+    item_separator: str = ", "
+    use_marker: bool = False  # put MARKER_TOKEN before each ID slot (ours)
+    buckets: tuple[int, ...] = (256, 384, 512, 768, 1024)
+    target_len: int = 48  # the second tower's input (target item alone), padded to this
+
+
+class PromptBuilder:
+    """Turns (history, candidates, target) item ids into token ids + masks. Pure given the tokenizer."""
+
+    def __init__(self, tokenizer, titles: Sequence[str], vocab_size: int, settings: PromptSettings):
+        if settings.domain not in TEMPLATES:
+            raise ValueError(f"prompt domain {settings.domain!r} is not one of {sorted(TEMPLATES)}")
+        self.tok = tokenizer
+        self.titles = list(titles)
+        self.settings = settings
+        self.iid_id = vocab_size  # ids past the LLM's vocabulary: rows of RSLLM.added_embeddings
+        self.marker_id = vocab_size + 1
+        self.num_added_tokens = 2
+        self.bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+        self._cache: dict[str, list[int]] = {}
+        self.templates = [self._parse(t) for t in TEMPLATES[settings.domain]]
+
+    @staticmethod
+    def _parse(template: str) -> list[tuple[str, str | None]]:
+        return [(lit, field) for lit, field, _, _ in string.Formatter().parse(template)]
+
+    def encode_text(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = list(self.tok(text, add_special_tokens=False)["input_ids"])
+        return self._cache[text]
+
+    def _item_pieces(self, item: int, use_ids: bool, leading: str) -> tuple[list[int], list[int]]:
+        ids = self.encode_text(leading + self.titles[item])
+        slots = [-1] * len(ids)
+        if use_ids:
+            if self.settings.use_marker:
+                ids, slots = ids + [self.marker_id], slots + [-1]
+            ids, slots = ids + [self.iid_id], slots + [item]
+        return ids, slots
+
+    def _items(self, items: Sequence[int], use_ids: bool) -> tuple[list[int], list[int]]:
+        ids, slots = [], []
+        for i, item in enumerate(items):
+            # The separator is tokenized with the title, so each title is tokenized exactly as it
+            # would be inside the finished string (a leading space, not a fresh word boundary).
+            lead = " " if i == 0 else self.settings.item_separator
+            a, b = self._item_pieces(item, use_ids, lead)
+            ids += a
+            slots += b
+        return ids, slots
+
+    def render(self, history: Sequence[int], candidates: Sequence[int], target: int | None,
+               template: int, use_ids: bool) -> dict[str, np.ndarray]:
+        """One example. `target` None -> prompt only (generation); else prompt + answer + labels."""
+        ids, slots, hist = list(self.bos), [-1] * len(self.bos), [0] * len(self.bos)
+        for literal, field in self.templates[template]:
+            if literal:
+                t = self.encode_text(literal)
+                ids, slots, hist = ids + t, slots + [-1] * len(t), hist + [0] * len(t)
+            if field == "history":
+                t, s = self._items(history, use_ids)
+                ids, slots, hist = ids + t, slots + s, hist + [1] * len(t)
+            elif field == "candidates":
+                t, s = self._items(candidates, use_ids)
+                ids, slots, hist = ids + t, slots + s, hist + [0] * len(t)
+        prompt_len = len(ids)
+        answer = [] if target is None else self.encode_text(" " + self.titles[target] + "\n")
+        ids, slots, hist = ids + answer, slots + [-1] * len(answer), hist + [0] * len(answer)
+        answer_mask = [0] * prompt_len + [1] * len(answer)
+        out = dict(
+            input_ids=np.asarray(ids, np.int32), attention_mask=np.ones(len(ids), np.int32),
+            slot_items=np.asarray(slots, np.int32), history_mask=np.asarray(hist, np.int32),
+            answer_mask=np.asarray(answer_mask, np.int32),
+        )
+        # Position t predicts token t+1; the loss counts only predictions of answer tokens.
+        out["labels"] = np.append(out["input_ids"][1:], 0).astype(np.int32)
+        out["loss_mask"] = np.append(out["answer_mask"][1:], 0).astype(np.int32)
+        return out
+
+    def render_target(self, item: int, use_ids: bool) -> dict[str, np.ndarray]:
+        """Second tower input: the target item alone (`<title> [IID]`, or `<title>` text-only)."""
+        ids, slots = self._item_pieces(item, use_ids, " ")
+        ids, slots = ids[: self.settings.target_len], slots[: self.settings.target_len]
+        pad = self.settings.target_len - len(ids)
+        return dict(
+            target_input_ids=np.asarray(ids + [0] * pad, np.int32),
+            target_attention_mask=np.asarray([1] * len(ids) + [0] * pad, np.int32),
+            target_slot_items=np.asarray(slots + [-1] * pad, np.int32),
+        )
+
+
+def bucket_length(n: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise ValueError(
+        f"a prompt of {n} tokens exceeds the largest length bucket {max(buckets)}: add a larger value "
+        "to config.prompts.buckets (or shorten titles / config.data.max_history)"
+    )
+
+
+def pad_batch(examples: Sequence[dict], buckets: Sequence[int], left: bool = False) -> dict[str, np.ndarray]:
+    """Stack variable-length examples, padding sequence fields to one bucket length. Left padding is
+    for generation (every prompt ends at the same column); training pads on the right."""
+    length = bucket_length(max(len(e["input_ids"]) for e in examples), buckets)
+    out: dict[str, list] = {}
+    for e in examples:
+        for k, v in e.items():
+            if k in PAD_VALUES:
+                pad = np.full(length - len(v), PAD_VALUES[k], v.dtype)
+                v = np.concatenate([pad, v] if left else [v, pad])
+            out.setdefault(k, []).append(v)
+    return {k: np.stack(v) for k, v in out.items()}

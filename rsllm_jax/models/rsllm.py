@@ -1,0 +1,103 @@
+"""RSLLM: the LLM reading hybrid (title + ID) prompts, plus the pooled tower vectors (spec §3-4).
+
+Parameter tree (paths the config's trainable regexes select from):
+  llm/...                 the pretrained LLaMA (frozen) incl. its LoRA leaves (trainable)
+  added_embeddings/embedding   rows for tokens added to the tokenizer ([IID], optional marker)
+  projector/...           Dense-GELU-Dense from the SASRec space to the LLM's (trainable, stage 2)
+  rec/item_table          the frozen SASRec item embeddings [num_items, d_rec]
+
+Hybrid encoding: input ids >= the base vocabulary read the added rows; at every position whose
+`slot_items` >= 0 the embedding is replaced by projector(item_table[item]). Shapes stay static: the
+collator emits per-position slot item ids and this module does a `where`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rsllm_jax import losses
+from rsllm_jax.models.llama import Llama, LlamaConfig
+from rsllm_jax.models.lora import LoraConfig
+from rsllm_jax.models.projector import Projector
+
+
+@dataclasses.dataclass(frozen=True)
+class RSLLMConfig:
+    llm: LlamaConfig
+    num_added_tokens: int  # ids [llm.vocab_size, llm.vocab_size + n) are ours
+    num_items: int = 0  # 0 -> no ID tower (stage 1, text-only)
+    rec_dim: int = 64
+
+
+class RSLLM(nn.Module):
+    config: RSLLMConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    lora: LoraConfig | None = None
+
+    def setup(self):
+        c = self.config
+        self.llm = Llama(c.llm, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
+        self.added_embeddings = nn.Embed(
+            max(c.num_added_tokens, 1), c.llm.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+        )
+        if c.num_items:
+            self.projector = Projector(c.llm.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
+            self.rec = ItemTable(c.num_items, c.rec_dim, param_dtype=self.param_dtype)
+
+    def embed(self, input_ids: jax.Array, slot_items: jax.Array | None = None) -> jax.Array:
+        """Hybrid input embeddings [B, T, D]: LLM table, added-token rows, projected item IDs."""
+        vocab = self.config.llm.vocab_size
+        is_added = input_ids >= vocab
+        x = self.llm.embed(jnp.where(is_added, 0, input_ids))
+        added = self.added_embeddings(jnp.clip(input_ids - vocab, 0, None))
+        x = jnp.where(is_added[..., None], added.astype(x.dtype), x)
+        if slot_items is not None and self.config.num_items:
+            is_slot = slot_items >= 0
+            projected = self.projector(self.rec(jnp.where(is_slot, slot_items, 0)))
+            x = jnp.where(is_slot[..., None], projected.astype(x.dtype), x)
+        return x
+
+    def __call__(self, input_ids, attention_mask, slot_items=None, *, deterministic: bool = True):
+        """-> (logits [B,T,V] fp32, last-layer hidden states [B,T,D] fp32)."""
+        x = self.embed(input_ids, slot_items)
+        return self.llm(inputs_embeds=x, attention_mask=attention_mask, deterministic=deterministic,
+                        return_hidden=True)
+
+    def towers(self, batch, *, deterministic: bool = True) -> dict[str, jax.Array]:
+        """Main pass + second pass (target alone): logits and the pooled v_U, v_T|U, v_T."""
+        slots = batch.get("slot_items")
+        logits, hidden = self(batch["input_ids"], batch["attention_mask"], slots, deterministic=deterministic)
+        _, t_hidden = self(batch["target_input_ids"], batch["target_attention_mask"],
+                           batch.get("target_slot_items"), deterministic=deterministic)
+        return dict(
+            logits=logits,
+            v_user=losses.masked_mean_pool(hidden, batch["history_mask"]),
+            v_target_given_user=losses.masked_mean_pool(hidden, batch["answer_mask"]),
+            v_target=losses.masked_mean_pool(t_hidden, batch["target_attention_mask"]),
+        )
+
+    def item_id_embedding(self, items: jax.Array) -> jax.Array:
+        """projector(item_table[items]) — the ID side of the optional ID-text alignment loss."""
+        return self.projector(self.rec(items))
+
+
+class ItemTable(nn.Module):
+    """The frozen SASRec table as a parameter, so it is loaded, sharded and checkpointed like the rest."""
+
+    num_items: int
+    dim: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, items: jax.Array) -> jax.Array:
+        table = self.param(
+            "item_table", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("items", None)),
+            (self.num_items, self.dim), self.param_dtype,
+        )
+        return jnp.take(table, items, axis=0)

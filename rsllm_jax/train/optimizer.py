@@ -1,0 +1,43 @@
+"""Optimizer for the LLM stages (spec §5): Adam, linear warm-up then cosine decay, global-norm
+clipping, weight decay only where a regex says (the projector)."""
+from __future__ import annotations
+
+import re
+
+import jax
+import optax
+from flax import traverse_util
+
+
+def learning_rate_schedule(peak_lr: float, total_steps: int, warmup_fraction: float, min_lr_ratio: float):
+    warmup = max(1, int(round(warmup_fraction * total_steps)))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=peak_lr * min_lr_ratio,
+    )
+
+
+def regex_mask(params, pattern: str):
+    """Bool tree: True where the '/'-joined path of a leaf fully matches `pattern`."""
+    rx = re.compile(pattern) if pattern else None
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict(
+        {k: bool(rx and rx.fullmatch(k)) for k in flat}, sep="/"
+    )
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+    """opt_cfg: lr, warmup_fraction, min_lr_ratio, b1, b2, eps, weight_decay, weight_decay_regex,
+    max_grad_norm. Applied to the trainable subtree only, so frozen weights carry no Adam state."""
+    schedule = learning_rate_schedule(opt_cfg.lr, total_steps, opt_cfg.warmup_fraction, opt_cfg.min_lr_ratio)
+    return optax.chain(
+        optax.clip_by_global_norm(opt_cfg.max_grad_norm),
+        optax.adamw(
+            schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
+            mask=lambda p: regex_mask(p, opt_cfg.weight_decay_regex),
+        ),
+    )
+
+
+def count_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))

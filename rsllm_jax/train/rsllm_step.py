@@ -1,0 +1,32 @@
+"""The fused RSLLM objective (spec §4): NIP + L_TT + L_UT (+ optional ID-text alignment) in one pass.
+
+`rsllm_loss` is the `loss_fn` handed to train/step.py; stage 1 uses it unchanged on text-only
+batches (no slot positions, so the projector is never touched).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rsllm_jax import losses
+from rsllm_jax.models.lora import merge_trees
+from rsllm_jax.models.rsllm import RSLLM
+
+
+def rsllm_loss(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
+    params = merge_trees(trainable, frozen)
+    out = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng}, method=RSLLM.towers)
+    nip, n_tokens = losses.nip_loss(out["logits"], batch["labels"], batch["loss_mask"])
+    nce = dict(temperature=loss_cfg.temperature, item_ids=batch["target_item"], valid=batch.get("valid"))
+    l_ut = losses.info_nce(out["v_user"], out["v_target"], **nce)
+    l_tt = losses.info_nce(out["v_target_given_user"], out["v_target"], **nce)
+    metrics = dict(nip=nip, l_ut=l_ut, l_tt=l_tt, answer_tokens=n_tokens)
+    align = None
+    if loss_cfg.align_weight and model.config.num_items:
+        # ID-text alignment (ours): the projected ID of the target vs its title-only representation.
+        id_vec = model.apply({"params": params}, batch["target_item"], method=RSLLM.item_id_embedding)
+        align = losses.info_nce(id_vec, out["v_target"], **nce)
+        metrics["l_align"] = align
+    total = losses.combine(nip, l_tt, l_ut, loss_cfg.weight_tt, loss_cfg.weight_ut, align, loss_cfg.align_weight)
+    metrics["loss"] = total
+    return total, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)

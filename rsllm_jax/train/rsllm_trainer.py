@@ -1,0 +1,308 @@
+"""Stages 1 and 2 (spec §5) and stand-alone evaluation: the loop around the pure step.
+
+stage1: text-only prompts over the union of `config.stage1.datasets`' train splits; NIP + both InfoNCE
+        on text-only representations; LoRA (and added-token rows) trained.
+stage2: the target dataset with unified (title + ID) prompts; reads the SASRec table from stage 0 and
+        the LoRA from stage 1 (paths in config; built first if missing and `build_missing`); trains
+        LoRA + projector + added rows with the full loss.
+eval:   evaluates a run directory's best (else latest) checkpoint, or the untrained model.
+
+Outputs under the workdir: metrics.jsonl, checkpoints/ + best/ (orbax: trainable params, optimizer
+state, step, Grain iterator, config), metrics_<split>.json, predictions_<split>.jsonl, results.json.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from rsllm_jax import sharding
+from rsllm_jax.checkpoint.manager import RunCheckpoints
+from rsllm_jax.data.prompt_pipeline import TrainExample, train_batches
+from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings
+from rsllm_jax.data.splits import SplitData, load_split
+from rsllm_jax.eval.evaluate import Evaluator, params_fingerprint
+from rsllm_jax.train import step as step_lib
+from rsllm_jax.train.optimizer import count_params, make_optimizer
+from rsllm_jax.train.rsllm_setup import build_rsllm
+from rsllm_jax.train.rsllm_step import rsllm_loss
+from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
+
+
+# ---------------------------------------------------------------- inputs
+def split_for(cfg, dataset: str) -> SplitData:
+    d = cfg.data
+    return load_split(
+        dataset, data_dir=d.data_dir or None, cache_dir=d.cache_dir or None, seed=d.split_seed,
+        custom_interactions=d.custom_interactions, custom_items=d.custom_items,
+        num_candidates=d.num_candidates, max_history=d.max_history, min_history=d.min_history,
+    )
+
+
+def prompt_builder(cfg, tokenizer, split: SplitData, vocab_size: int) -> PromptBuilder:
+    settings = PromptSettings(domain=DOMAIN_OF_DATASET.get(split.dataset, "movie"), use_marker=cfg.prompts.use_marker,
+                              buckets=tuple(cfg.prompts.buckets), target_len=cfg.prompts.target_len)
+    return PromptBuilder(tokenizer, split.titles, vocab_size, settings)
+
+
+def subsample(records: list, n: int, seed: int) -> list:
+    """A seeded subsample (documented in results: CPU-sized runs cannot afford every window)."""
+    if not n or n >= len(records):
+        return records
+    idx = np.random.default_rng(seed).choice(len(records), n, replace=False)
+    return [records[i] for i in sorted(idx)]
+
+
+def _stage_dependencies(cfg, workdir: str):
+    """Stage 2 needs stage 0's item table and stage 1's LoRA; build them if asked and missing."""
+    s2 = cfg.stage2
+    sasrec_dir = s2.sasrec_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), f"sasrec-{cfg.data.dataset}")
+    table_path = os.path.join(sasrec_dir, "item_embeddings.npy")
+    if not os.path.exists(table_path):
+        if not s2.build_missing:
+            raise FileNotFoundError(f"{table_path} not found: run stage 0 (configs/sasrec.py) into "
+                                    f"{sasrec_dir} or set config.stage2.sasrec_dir")
+        from rsllm_jax.train.sasrec_trainer import train_sasrec
+
+        logging.info("stage 2: no SASRec table at %s; training stage 0 first", table_path)
+        train_sasrec(cfg, sasrec_dir)
+    rec_table = np.load(table_path)
+
+    stage1_params = None
+    if s2.stage1_dir != "none":
+        stage1_dir = s2.stage1_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "stage1")
+        if not _has_checkpoint(stage1_dir):
+            if not s2.build_missing:
+                raise FileNotFoundError(f"no stage-1 checkpoint in {stage1_dir}: run configs/stage1.py or set "
+                                        "config.stage2.stage1_dir ('none' to start from the base LLM)")
+            logging.info("stage 2: no stage-1 checkpoint in %s; running stage 1 first", stage1_dir)
+            c1 = copy.deepcopy(cfg)
+            with c1.unlocked():
+                c1.stage = "stage1"
+                c1.prompts.use_ids = False
+                c1.train.max_train_samples = s2.stage1_train_samples
+            run_stage(c1, stage1_dir)
+        stage1_params = _restore_trainable(stage1_dir, keep=r"llm/.*lora_(a|b)|added_embeddings/.*")
+    return rec_table, stage1_params
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    return any(os.path.isdir(os.path.join(run_dir, d)) and os.listdir(os.path.join(run_dir, d))
+               for d in ("best", "checkpoints"))
+
+
+def _restore_trainable(run_dir: str, keep: str | None = None) -> dict:
+    """The trainable subtree of a run's best (else latest) checkpoint, as host numpy arrays."""
+    import orbax.checkpoint as ocp
+    import re
+
+    for sub in ("best", "checkpoints"):
+        path = os.path.join(run_dir, sub)
+        if not os.path.isdir(path):
+            continue
+        mgr = ocp.CheckpointManager(path, item_names=("state", "iter", "meta"))
+        step = mgr.latest_step()
+        if step is None:
+            continue
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        mgr.close()
+        flat = traverse_util.flatten_dict(restored["state"]["trainable"], sep="/")
+        if keep:
+            flat = {k: v for k, v in flat.items() if re.fullmatch(keep, k)}
+        logging.info("restored %d trainable leaves from %s step %d", len(flat), path, step)
+        return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in flat.items()}, sep="/")
+    raise FileNotFoundError(f"no orbax checkpoint under {run_dir}/best or {run_dir}/checkpoints")
+
+
+# ---------------------------------------------------------------- the run
+def run_stage(cfg, workdir: str, *, llm=None) -> dict:
+    """Train stage 1 or 2, then evaluate the best checkpoint on val and test. `llm` (tests) passes an
+    already loaded (config, params, tokenizer)."""
+    t_start = time.time()
+    stage = cfg.stage
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules_from_config(cfg.mesh.rules)
+    os.makedirs(workdir, exist_ok=True)
+
+    if stage == "stage1":
+        datasets = tuple(cfg.stage1.datasets)
+        splits = {name: split_for(cfg, name) for name in datasets}
+        rec_table, extra, num_items, use_ids = None, None, 0, False
+        target = cfg.data.dataset if cfg.data.dataset in splits else datasets[0]
+    elif stage == "stage2":
+        rec_table, extra = _stage_dependencies(cfg, workdir)
+        if is_writer():  # the eval stage finds the frozen table next to the checkpoint
+            np.save(os.path.join(workdir, "item_embeddings.npy"), rec_table)
+        splits = {cfg.data.dataset: split_for(cfg, cfg.data.dataset)}
+        target = cfg.data.dataset
+        num_items, use_ids = splits[target].num_items, bool(cfg.prompts.use_ids)
+    else:
+        raise ValueError(f"run_stage handles stage1/stage2, not {stage!r}")
+
+    built = build_rsllm(cfg, mesh, num_items=num_items, rec_table=rec_table, extra_params=extra, llm=llm,
+                        seed=cfg.seed)
+    vocab = built.model.config.llm.vocab_size
+    builders = {name: prompt_builder(cfg, built.tokenizer, sp, vocab) for name, sp in splits.items()}
+    (trainable, frozen), (trainable_sh, frozen_sh) = built.split()
+    logging.info("%s: %d trainable / %d frozen parameters", stage, count_params(trainable), count_params(frozen))
+
+    records = []
+    for name, sp in splits.items():
+        records += [dict(r, dataset=name) for r in sp.train]
+    n_all = len(records)
+    records = subsample(records, cfg.train.max_train_samples, cfg.seed)
+    bs, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
+    total_steps = max(1, math.ceil(cfg.train.num_epochs * len(records) / bs))
+    logging.info("%s: %d of %d training windows, batch %d (%d x %d micro), %d steps", stage, len(records), n_all,
+                 bs, accum, bs // accum, total_steps)
+
+    example = TrainExample(
+        builders, num_items={n: sp.num_items for n, sp in splits.items()}, num_candidates=cfg.data.num_candidates,
+        seed=cfg.seed, local_batch_size=bs // jax.process_count(), use_ids=use_ids,
+        curriculum_steps=total_steps if (cfg.train.curriculum and use_ids) else 0,
+    )
+    data_iter = iter(train_batches(records, example, global_batch_size=bs, seed=cfg.seed,
+                                   buckets=cfg.prompts.buckets, worker_count=cfg.data.grain_workers))
+
+    tx = make_optimizer(cfg.optim, total_steps)
+    loss_fn = functools.partial(rsllm_loss, built.model, cfg.loss)
+    state = step_lib.create_state(trainable, frozen, tx)
+    repl = sharding.replicated(mesh)
+    state_sh = step_lib.TrainState(step=repl, trainable=trainable_sh, frozen=frozen_sh,
+                                   opt_state=jax.tree.map(lambda _: repl, state.opt_state))
+    with jax.set_mesh(mesh):
+        state = jax.device_put(state, state_sh)
+    batch_sh = None  # set from the first batch's keys (bucketed lengths differ, shardings do not)
+    rng = jax.random.key(cfg.seed)
+
+    ckpts = RunCheckpoints(workdir, keep=cfg.train.keep_checkpoints)
+    meta = dict(best_val=-1.0, config=json.loads(cfg.to_json_best_effort()))
+    if ckpts.latest_step() is not None:
+        abstract = jax.eval_shape(lambda: state.saveable())
+        step0, saved, meta = ckpts.restore_latest(abstract, data_iter)
+        saved = jax.device_put(saved, dict(step=repl, trainable=trainable_sh, opt_state=state_sh.opt_state))
+        state = state.replace(**saved)
+        logging.info("resumed %s from step %d in %s", stage, step0, workdir)
+
+    val_records = splits[target].val
+    if cfg.train.val_samples:
+        val_records = val_records[: cfg.train.val_samples]
+    evaluator = Evaluator(built.model, built.tokenizer, builders[target], mesh, batch_size=cfg.eval.batch_size,
+                          max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompts.eval_template,
+                          use_ids=use_ids, buckets=cfg.prompts.buckets)
+
+    log = MetricsLog(workdir)
+    step_fn = None
+    start = int(state.step)
+    progress = Progress(total_steps, start, desc=f"{stage}[{'+'.join(splits)}]")
+    tokens_since = 0
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(start, total_steps):
+            host_batch = next(data_iter)
+            if step_fn is None:
+                batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in host_batch.items()}
+                step_fn = step_lib.jit_train_step(loss_fn, tx, accum, state_sh, batch_sh, repl)
+            tokens_since += int(host_batch["attention_mask"].sum() + host_batch["target_attention_mask"].sum())
+            batch = sharding.global_batch(host_batch, mesh)
+            state, metrics = step_fn(state, batch, rng)
+            done = step + 1
+            if done % cfg.log_every_steps == 0 or done == total_steps or done == start + 1:
+                m = jax.device_get(metrics)
+                if not all(np.isfinite(float(v)) for v in m.values()):
+                    raise FloatingPointError(
+                        f"{stage}: non-finite loss at step {done} ({ {k: float(v) for k, v in m.items()} }); "
+                        f"the last good checkpoint in {workdir}/checkpoints is untouched. Lower config.optim.lr "
+                        "and resume.")
+                rate = progress.update(done - progress.bar.n, tokens_since,
+                                       {k: m[k] for k in ("loss", "nip", "l_ut", "l_tt")}, item_name="tok")
+                log.write(dict(step=done, tokens_per_s=rate, lr=float(tx_lr(cfg, total_steps, done)),
+                               **{k: float(v) for k, v in m.items()}))
+                tokens_since = 0
+            if done % cfg.train.checkpoint_every_steps == 0 or done == total_steps:
+                ckpts.save(done, state.saveable(), data_iter, meta=meta)
+            if (cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0) or done == total_steps:
+                val = evaluator.run(merge(state), val_records, splits[target].titles, out_dir=None,
+                                    name=f"val_step{done}", two_tower=False)
+                log.write({"step": done, **{f"val/{k}": v for k, v in val.items()}})
+                progress.write(f"step {done}: val ValidRatio {val['valid_ratio']:.3f} "
+                               f"HitRatio@1 {val['hit_ratio_at_1']:.3f}")
+                # Select on accuracy (hits / all): it rewards both naming one candidate and being right.
+                if val["accuracy"] > meta["best_val"]:
+                    meta["best_val"] = val["accuracy"]
+                    ckpts.save_best(done, state.saveable(), val, meta=dict(step=done))
+                    ckpts.save(done, state.saveable(), data_iter, meta=meta)
+    progress.close()
+    ckpts.wait()
+
+    # Final evaluation of the best checkpoint on val and test.
+    if ckpts.best_step() is not None:
+        abstract = jax.eval_shape(lambda: state.saveable())
+        best_step, saved, _ = ckpts.restore_best(abstract)
+        state = state.replace(trainable=jax.device_put(saved["trainable"], trainable_sh))
+    else:
+        best_step = int(state.step)
+    ckpts.close()
+    params = merge(state)
+    item_cache = os.path.join(workdir, f"item_vectors_{params_fingerprint(state.trainable)}.npy")
+    results = dict(stage=stage, dataset=target, best_step=best_step, train_samples=len(records),
+                   train_windows_available=n_all, steps=total_steps)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for split_name in ("val", "test"):
+            recs = getattr(splits[target], split_name)
+            results[split_name] = evaluator.run(params, recs, splits[target].titles, out_dir=workdir, name=split_name,
+                                                two_tower=cfg.eval.two_tower, item_cache=item_cache)
+    results["wall_time_s"] = round(time.time() - t_start, 1)
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
+    return results
+
+
+def merge(state: step_lib.TrainState) -> dict:
+    from rsllm_jax.models.lora import merge_trees
+
+    return merge_trees(state.trainable, state.frozen)
+
+
+def tx_lr(cfg, total_steps: int, step: int) -> float:
+    from rsllm_jax.train.optimizer import learning_rate_schedule
+
+    return learning_rate_schedule(cfg.optim.lr, total_steps, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio)(step)
+
+
+def run_eval(cfg, workdir: str, *, llm=None) -> dict:
+    """Evaluate `cfg.checkpoint` (a stage-1/2 run dir; "" = the untrained model) on `cfg.eval.split`."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules_from_config(cfg.mesh.rules)
+    split = split_for(cfg, cfg.data.dataset)
+    text_only = cfg.checkpoint_stage == "stage1" or not cfg.prompts.use_ids
+    rec_table, trained = None, None
+    if not text_only:
+        candidates = [os.path.join(cfg.checkpoint, "item_embeddings.npy")] if cfg.checkpoint else []
+        candidates.append(os.path.join(cfg.stage2.sasrec_dir or f"runs/sasrec-{cfg.data.dataset}", "item_embeddings.npy"))
+        found = [p for p in candidates if os.path.exists(p)]
+        if not found:
+            raise FileNotFoundError(f"no SASRec item table at {candidates}: train stage 0 or set config.stage2.sasrec_dir")
+        rec_table = np.load(found[0])
+    if cfg.checkpoint:
+        trained = _restore_trainable(cfg.checkpoint)
+    built = build_rsllm(cfg, mesh, num_items=0 if text_only else split.num_items, rec_table=rec_table,
+                        extra_params=trained, llm=llm, seed=cfg.seed)
+    builder = prompt_builder(cfg, built.tokenizer, split, built.model.config.llm.vocab_size)
+    evaluator = Evaluator(built.model, built.tokenizer, builder, mesh, batch_size=cfg.eval.batch_size,
+                          max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompts.eval_template,
+                          use_ids=not text_only, buckets=cfg.prompts.buckets)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        metrics = evaluator.run(built.params, getattr(split, cfg.eval.split), split.titles, out_dir=workdir,
+                                name=cfg.eval.split, two_tower=cfg.eval.two_tower)
+    metrics.update(checkpoint=cfg.checkpoint or "(untrained)", dataset=split.dataset, split=cfg.eval.split)
+    write_json_atomic(os.path.join(workdir, f"metrics_{cfg.eval.split}.json"), metrics)
+    return metrics

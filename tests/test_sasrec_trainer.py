@@ -1,0 +1,69 @@
+"""Stage 0 end to end on a bring-your-own dataset: train, export, resume after an interruption."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from rsllm_jax.train.sasrec_trainer import train_sasrec
+from synthetic_data import write_custom_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(tmp_path, epochs):
+    inter, items = write_custom_dataset(tmp_path / "data")
+    c = tiny.get_config()
+    c.data.dataset = "custom"
+    c.data.custom_interactions, c.data.custom_items = inter, items
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.sasrec.epochs = epochs
+    c.sasrec.batch_size = 64
+    c.sasrec.eval_batch_size = 8
+    c.sasrec.lr = 5e-3
+    c.sasrec.patience = 100
+    return c
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_export_and_resume_equals_uninterrupted(tmp_path):
+    straight = str(tmp_path / "straight")
+    res = train_sasrec(_cfg(tmp_path, 4), straight)
+    table = np.load(os.path.join(straight, "item_embeddings.npy"))
+    assert table.shape == (30, 64) and np.isfinite(table).all()
+    assert res["test"]["n"] > 0 and 0.0 <= res["test"]["hr1_cand"] <= 1.0
+
+    # "Killed" after epoch 2 (its last checkpoint), then restarted with the full budget.
+    resumed = str(tmp_path / "resumed")
+    train_sasrec(_cfg(tmp_path, 2), resumed)
+    train_sasrec(_cfg(tmp_path, 4), resumed)
+    a = {m["step"]: m["loss"] for m in _metrics(straight) if "loss" in m}
+    b = {m["step"]: m["loss"] for m in _metrics(resumed) if "loss" in m}
+    # The resumed log holds steps of both runs; every step logged after the restart continues the
+    # uninterrupted trajectory exactly (same data order, same dropout keys, same optimizer state).
+    # (The first log line after the restart averages a shorter window, so start from the second.)
+    after = [s for s in b if s > 16][1:]
+    assert after and max(after) == max(a)
+    np.testing.assert_allclose([b[s] for s in after], [a[s] for s in after], rtol=1e-5)
+    np.testing.assert_allclose(np.load(os.path.join(resumed, "item_embeddings.npy")), table, rtol=1e-5, atol=1e-6)
+
+
+def test_sasrec_learns_the_custom_cycle(tmp_path):
+    res = train_sasrec(_cfg(tmp_path, 12), str(tmp_path / "run"))
+    # Chance on 20 candidates is 0.05; the cycle is deterministic.
+    assert res["val"]["hr1_cand"] > 0.5
+
+
+def test_cli_rejects_a_typo_in_an_override(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "rsllm_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+         "--config.sasrec.hiden=32"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "hiden" in out.stderr

@@ -10,3 +10,27 @@ def get_config():
     c.sasrec.checkpoint_every_epochs = 1
     c.log_every_steps = 5
     return c
+
+
+def get_llm_config(stage: str = "stage2"):
+    """Stages 1/2/eval in seconds: used with a random tiny LLaMA and an in-process tokenizer."""
+    c = get_config()
+    c.stage = stage
+    c.prompts.use_ids = stage != "stage1"
+    c.prompts.buckets = (384, 512, 640)
+    c.prompts.target_len = 16
+    c.train.batch_size = 16
+    c.train.grad_accum_steps = 2
+    c.train.max_train_samples = 64
+    c.train.checkpoint_every_steps = 2
+    c.train.val_samples = 8
+    c.eval.batch_size = 8
+    c.eval.max_new_tokens = 8
+    c.lora.dropout = 0.0
+    c.optim.lr = 3e-3
+    c.stage1.datasets = ("custom",)
+    c.stage2.build_missing = False
+    if stage == "eval":
+        c.checkpoint = ""
+        c.checkpoint_stage = "stage2"
+    return c

@@ -20,9 +20,11 @@ def nip_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax
     predicts labels[t]); mask [B,T] 1 on answer tokens. Returns (mean loss, token count)."""
     logits = logits.astype(jnp.float32)
     mask = mask.astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    # Unmasked labels may be ids the LM head has no row for (added tokens): clip them, and use
+    # `where`, not a product, so their (meaningless) values can never turn the sum into NaN.
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.clip(labels, 0, logits.shape[-1] - 1))
     n = jnp.sum(mask)
-    return jnp.sum(ce * mask) / jnp.maximum(n, 1.0), n
+    return jnp.sum(jnp.where(mask > 0, ce, 0.0)) / jnp.maximum(n, 1.0), n
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -83,3 +83,10 @@ def test_pool_and_combine():
     np.testing.assert_allclose(losses.masked_mean_pool(h, jnp.array([[0, 1, 1, 0]])), [[4.5, 5.5, 6.5]])
     assert float(losses.combine(jnp.float32(1.0), jnp.float32(2.0), jnp.float32(3.0), 0.1, 0.1)) == pytest.approx(
         0.8 + 0.2 + 0.3)
+
+
+def test_nip_loss_ignores_out_of_vocabulary_labels_at_masked_positions():
+    logits = jnp.zeros((1, 3, 5))
+    labels = jnp.array([[1, 7, 2]])  # 7: an added token id past the LM head
+    loss, _ = losses.nip_loss(logits, labels, jnp.array([[1, 0, 1]]))
+    np.testing.assert_allclose(loss, np.log(5), rtol=1e-6)

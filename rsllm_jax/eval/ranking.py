@@ -16,12 +16,12 @@ def target_rank(all_scores, targets, exclude=None):
     """0-based rank of each target among all items (strictly higher scores count; ties favour the
     target, as is conventional). `exclude` [B, L] item ids (e.g. the history, padded with any id
     >= num_items) are pushed to -inf unless they are the target."""
-    scores = all_scores.astype(jnp.float32)
+    scores = jnp.asarray(all_scores, jnp.float32)
     if exclude is not None:
         num_items = scores.shape[-1]
         rows = jnp.arange(scores.shape[0])[:, None]
         keep = (exclude >= num_items) | (exclude == targets[:, None])
-        idx = jnp.where(keep, num_items, exclude)  # out-of-range index -> dropped by mode='drop'
+        idx = jnp.where(keep, num_items, jnp.asarray(exclude))  # out-of-range index -> dropped by mode='drop'
         scores = scores.at[rows, idx].set(-jnp.inf, mode="drop")
     target_score = jnp.take_along_axis(scores, targets[:, None], axis=-1)
     return jnp.sum(scores > target_score, axis=-1)

@@ -62,7 +62,11 @@ def build_rsllm(
     if llm is None:
         llm = load_llm(cfg.llm.model, dtype=dtype, param_dtype=param_dtype,
                        scan_layers=cfg.llm.scan_layers, remat_policy=cfg.llm.remat_policy)
-    llm_config, llm_params, tokenizer = llm
+        llm_config, llm_params, tokenizer = llm
+    else:
+        # The loaded buffers are donated below: copy a caller's arrays so the caller keeps them.
+        llm_config, llm_params, tokenizer = llm
+        llm_params = jax.tree.map(lambda x: jnp.array(x, copy=True), llm_params)
     rec_dim = 0 if rec_table is None else int(rec_table.shape[1])
     model = RSLLM(
         RSLLMConfig(llm=llm_config, num_added_tokens=NUM_ADDED_TOKENS, num_items=num_items, rec_dim=rec_dim or 64),

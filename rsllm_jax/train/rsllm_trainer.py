@@ -228,8 +228,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                 log.write(dict(step=done, tokens_per_s=rate, lr=float(tx_lr(cfg, total_steps, done)),
                                **{k: float(v) for k, v in m.items()}))
                 tokens_since = 0
-            if done % cfg.train.checkpoint_every_steps == 0 or done == total_steps:
-                ckpts.save(done, state.saveable(), data_iter, meta=meta)
+            improved = False
             if (cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0) or done == total_steps:
                 val = evaluator.run(merge(state), val_records, splits[target].titles, out_dir=None,
                                     name=f"val_step{done}", two_tower=False)
@@ -238,9 +237,10 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                                f"HitRatio@1 {val['hit_ratio_at_1']:.3f}")
                 # Select on accuracy (hits / all): it rewards both naming one candidate and being right.
                 if val["accuracy"] > meta["best_val"]:
-                    meta["best_val"] = val["accuracy"]
+                    meta["best_val"], improved = val["accuracy"], True
                     ckpts.save_best(done, state.saveable(), val, meta=dict(step=done))
-                    ckpts.save(done, state.saveable(), data_iter, meta=meta)
+            if improved or done % cfg.train.checkpoint_every_steps == 0 or done == total_steps:
+                ckpts.save(done, state.saveable(), data_iter, meta=meta)
     progress.close()
     ckpts.wait()
 

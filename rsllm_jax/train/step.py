@@ -70,7 +70,7 @@ def train_step(
 
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     return new_state, metrics
 

@@ -63,7 +63,7 @@ def get_config():
     c.prompts.use_marker = False  # a marker token before each ID slot (ours)
     c.prompts.eval_template = 0  # the fixed template at evaluation
     c.prompts.buckets = (256, 384, 512, 640, 768, 1024)
-    c.prompts.target_len = 48
+    c.prompts.target_len = 24  # the target alone: a title + slot (longer titles are cut)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.weight_tt = 0.1  # a: L_TT = InfoNCE(v_T|U -> v_T)
@@ -107,6 +107,7 @@ def get_config():
     c.eval.batch_size = 8
     c.eval.max_new_tokens = 64
     c.eval.two_tower = True
+    c.eval.max_rows = 0  # 0 = every row of the split; >0 = the first N (smoke runs only)
 
     # ---- run ----
     c.log_every_steps = 50

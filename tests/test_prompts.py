@@ -53,7 +53,7 @@ def test_target_tower_input():
     b = _builder()
     t = b.render_target(3, use_ids=True)
     n = t["target_attention_mask"].sum()
-    assert t["target_input_ids"].shape == (48,)
+    assert t["target_input_ids"].shape == (24,)
     assert t["target_input_ids"][n - 1] == b.iid_id and t["target_slot_items"][n - 1] == 3
     assert tiny_tokenizer().decode(t["target_input_ids"][: n - 1]) == " The Matrix"
 
@@ -71,3 +71,10 @@ def test_buckets_and_padding():
     np.testing.assert_array_equal(right["input_ids"][0, :n0], exs[0]["input_ids"])
     np.testing.assert_array_equal(left["input_ids"][0, -n0:], exs[0]["input_ids"])
     assert right["slot_items"][0, n0:].tolist() == [-1] * (right["input_ids"].shape[1] - n0)
+
+
+def test_long_target_titles_are_cut_but_keep_their_slot():
+    b = _builder(target_len=4)
+    t = b.render_target(3, use_ids=True)
+    assert t["target_attention_mask"].sum() == 4
+    assert t["target_input_ids"][3] == b.iid_id and t["target_slot_items"][3] == 3

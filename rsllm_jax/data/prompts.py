@@ -65,7 +65,7 @@ class PromptSettings:
     item_separator: str = ", "
     use_marker: bool = False  # put MARKER_TOKEN before each ID slot (ours)
     buckets: tuple[int, ...] = (256, 384, 512, 768, 1024)
-    target_len: int = 48  # the second tower's input (target item alone), padded to this
+    target_len: int = 24  # the second tower's input (target item alone), padded to this
 
 
 class PromptBuilder:
@@ -144,7 +144,10 @@ class PromptBuilder:
     def render_target(self, item: int, use_ids: bool) -> dict[str, np.ndarray]:
         """Second tower input: the target item alone (`<title> [IID]`, or `<title>` text-only)."""
         ids, slots = self._item_pieces(item, use_ids, " ")
-        ids, slots = ids[: self.settings.target_len], slots[: self.settings.target_len]
+        n = self.settings.target_len
+        if len(ids) > n:  # cut the title, never the ID slot (and marker) at its end
+            tail = (1 + self.settings.use_marker) if use_ids else 0
+            ids, slots = ids[: n - tail] + ids[len(ids) - tail:], slots[: n - tail] + slots[len(slots) - tail:]
         pad = self.settings.target_len - len(ids)
         return dict(
             target_input_ids=np.asarray(ids + [0] * pad, np.int32),

@@ -45,7 +45,8 @@ class LoraDense(nn.Module):
     """y = x . kernel (+ dropout(x) . lora_a . lora_b * alpha/r), contracting the last `n_in` axes of x.
 
     `kernel` has shape x.shape[-n_in:] + features and logical axes `kernel_axes`; the LoRA
-    factors inherit the input / output axis names so they shard like the kernel they adapt.
+    factors inherit the input / output axis names so they shard like the kernel they adapt; the rank
+    axis is 'lora_rank' (replicated by the default rules).
     """
 
     features: tuple[int, ...]
@@ -75,13 +76,15 @@ class LoraDense(nn.Module):
         a = self.param(
             "lora_a",
             # Same distribution family as peft's kaiming_uniform(a=sqrt(5)) for lora_A.
-            nn.with_logical_partitioning(_fan_init(1.0 / 3.0, "uniform", self.n_in, self.n_in + 1), in_axes + (None,)),
+            nn.with_logical_partitioning(
+                _fan_init(1.0 / 3.0, "uniform", self.n_in, self.n_in + 1), in_axes + ("lora_rank",)
+            ),
             tuple(in_shape) + (r,),
             self.param_dtype,
         )
         b = self.param(
             "lora_b",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,) + out_axes),
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("lora_rank",) + out_axes),
             (r,) + tuple(self.features),
             self.param_dtype,
         )

@@ -260,7 +260,8 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
         for split_name in ("val", "test"):
             recs = getattr(splits[target], split_name)
             results[split_name] = evaluator.run(params, recs, splits[target].titles, out_dir=workdir, name=split_name,
-                                                two_tower=cfg.eval.two_tower, item_cache=item_cache)
+                                                two_tower=cfg.eval.two_tower, item_cache=item_cache,
+                                                limit=cfg.eval.max_rows)
     results["wall_time_s"] = round(time.time() - t_start, 1)
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     return results
@@ -302,7 +303,7 @@ def run_eval(cfg, workdir: str, *, llm=None) -> dict:
                           use_ids=not text_only, buckets=cfg.prompts.buckets)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         metrics = evaluator.run(built.params, getattr(split, cfg.eval.split), split.titles, out_dir=workdir,
-                                name=cfg.eval.split, two_tower=cfg.eval.two_tower)
+                                name=cfg.eval.split, two_tower=cfg.eval.two_tower, limit=cfg.eval.max_rows)
     metrics.update(checkpoint=cfg.checkpoint or "(untrained)", dataset=split.dataset, split=cfg.eval.split)
     write_json_atomic(os.path.join(workdir, f"metrics_{cfg.eval.split}.json"), metrics)
     return metrics

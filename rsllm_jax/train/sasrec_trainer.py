@@ -93,7 +93,7 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None) -> dict:
     )
     data_iter = iter(train_ds)
     ckpts = RunCheckpoints(workdir, keep=cfg.sasrec.keep_checkpoints)
-    meta = dict(best_hr1=-1.0, best_epoch=-1, bad_evals=0)
+    meta = dict(best_hr1=-1.0, best_epoch=-1, bad_evals=0, train_time_s=0.0)
     if ckpts.latest_step() is not None:
         step0, state, meta = ckpts.restore_latest(abstract_state, data_iter)
         state = jax.device_put(state, state_sh)
@@ -102,6 +102,7 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None) -> dict:
         state = jax.jit(init_state, out_shardings=state_sh)(rng)
 
     log = MetricsLog(workdir)
+    t_mark = time.time()
     start_step = int(state["step"])
     progress = Progress(total_steps, start_step, desc=f"sasrec[{split.dataset}]")
     stop = False
@@ -137,6 +138,10 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None) -> dict:
                     meta["bad_evals"] += 1
                     stop = meta["bad_evals"] >= cfg.sasrec.patience
             if epoch % cfg.sasrec.checkpoint_every_epochs == 0 or stop or done == total_steps:
+                # Training time accumulates across restarts, so a resumed run reports its whole cost.
+                now = time.time()
+                meta["train_time_s"] = meta.get("train_time_s", 0.0) + now - t_mark
+                t_mark = now
                 ckpts.save(done, state, data_iter, meta=meta)
             if stop:
                 progress.write(f"early stop at epoch {epoch}: no val HR@1 gain in {cfg.sasrec.patience} evaluations")
@@ -153,7 +158,8 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None) -> dict:
     results = dict(
         dataset=split.dataset, best_step=best_step, best_epoch=best_meta.get("epoch"), val=val, test=test,
         loss=cfg.sasrec.loss, num_items=split.num_items, train_samples=len(split.train),
-        wall_time_s=round(time.time() - t_start, 1), manifest=split.manifest,
+        wall_time_s=round(time.time() - t_start, 1), train_time_s=round(meta.get("train_time_s", 0.0), 1),
+        manifest=split.manifest,
     )
     if is_writer():
         table = np.asarray(item_table(best_params), dtype=np.float32)

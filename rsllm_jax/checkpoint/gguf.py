@@ -1,0 +1,110 @@
+"""GGUF (llama.cpp) LLaMA files -> (LlamaConfig, params).
+
+Tensors are dequantized to fp32 with `gguf.quants.dequantize`, renamed to their HF names with gguf's own
+tensor-name map, and then go through the same table as HF checkpoints (`hf.build_params`). llama.cpp's
+converter permutes q/k rows for interleaved RoPE; we use rotate-half RoPE, so `unpermute_qk` undoes it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from rsllm_jax.checkpoint.hf import Params, Shardings, build_params
+from rsllm_jax.models.llama import LlamaConfig
+
+ARCH = "llama"
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's HF -> GGUF q/k row permutation (rotate-half pairs -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `permute_qk`: GGUF q/k rows back to HF's rotate-half order."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key.format(arch=ARCH))
+    return default if field is None else field.contents()
+
+
+def dequantized(tensor: gguf.ReaderTensor) -> np.ndarray:
+    """A GGUF tensor as fp32 in numpy (row-major, i.e. HF [out, in]) order."""
+    arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return np.asarray(arr, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+
+
+def gguf_config(reader: gguf.GGUFReader, **overrides: Any) -> LlamaConfig:
+    """LlamaConfig from the `llama.*` metadata (and tensor presence, for tying / llama3 RoPE factors)."""
+    K = gguf.Keys
+    arch = _field(reader, K.General.ARCHITECTURE)
+    if arch != ARCH:
+        raise ValueError(f"GGUF architecture {arch!r}: only {ARCH!r} is supported")
+    names = {t.name: t for t in reader.tensors}
+    hidden = int(_field(reader, K.LLM.EMBEDDING_LENGTH))
+    heads = int(_field(reader, K.Attention.HEAD_COUNT))
+    vocab = _field(reader, K.LLM.VOCAB_SIZE) or len(reader.get_field(K.Tokenizer.LIST).data)
+    scaling = _field(reader, K.Rope.SCALING_TYPE, "none")
+    freq_factors = None
+    if "rope_freqs.weight" in names:
+        # llama3-style scaling is stored as per-frequency divisors rather than metadata.
+        freq_factors = tuple(float(x) for x in dequantized(names["rope_freqs.weight"]).reshape(-1))
+    kwargs: dict[str, Any] = dict(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, K.LLM.FEED_FORWARD_LENGTH)),
+        num_layers=int(_field(reader, K.LLM.BLOCK_COUNT)),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, K.Attention.HEAD_COUNT_KV, heads)),
+        head_dim=int(_field(reader, K.Attention.KEY_LENGTH, hidden // heads)),
+        rms_norm_eps=float(_field(reader, K.Attention.LAYERNORM_RMS_EPS, 1e-5)),
+        max_position_embeddings=int(_field(reader, K.LLM.CONTEXT_LENGTH, 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        rope_theta=float(_field(reader, K.Rope.FREQ_BASE, 10000.0)),
+        rope_freq_factors=freq_factors,
+        bos_token_id=_field(reader, K.Tokenizer.BOS_ID),
+        eos_token_id=_field(reader, K.Tokenizer.EOS_ID),
+    )
+    if scaling == "linear":
+        kwargs.update(rope_type="linear", rope_factor=float(_field(reader, K.Rope.SCALING_FACTOR, 1.0)))
+    elif scaling not in ("none", None):
+        raise ValueError(f"unsupported GGUF rope scaling {scaling!r}")
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def load_gguf(
+    path: str | os.PathLike, *, param_dtype: Any = np.float32, shardings: Shardings = None, **config_overrides: Any
+) -> tuple[LlamaConfig, Params]:
+    """GGUF file -> (LlamaConfig, params); tensors are dequantized and placed one at a time."""
+    reader = gguf.GGUFReader(str(path))
+    config = gguf_config(reader, **config_overrides)
+    tensors = {t.name: t for t in reader.tensors}
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
+
+    def read(hf_name: str) -> np.ndarray:
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight",))
+        if gguf_name not in tensors:
+            raise KeyError(f"{hf_name} ({gguf_name}) not in {path}")
+        w = dequantized(tensors[gguf_name])
+        if gguf_name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, config.num_heads)
+        elif gguf_name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, config.num_kv_heads)
+        return w
+
+    return config, build_params(config, read, param_dtype=param_dtype, shardings=shardings)
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The tokenizer embedded in the GGUF, via transformers (works offline: nothing is fetched)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -1,0 +1,126 @@
+"""Batched autoregressive generation with a KV cache: one jitted prefill + `lax.while_loop` decode.
+
+Prompts are left-padded (RoPE positions come from the attention mask, so padding is invisible), given
+either as token ids or as embeddings (the recommender splices projected item embeddings into the
+prompt). Each row stops on its first stop token (EOS, or any token whose text contains a stop string
+such as a newline); the loop exits early once every row has stopped.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rsllm_jax.models.llama import Llama, init_cache
+
+
+def stop_token_ids(tokenizer: Any, stop_strings: Iterable[str] = ("\n",), include_eos: bool = True) -> np.ndarray:
+    """Ids of every vocabulary token whose decoded text contains a stop string (computed once, on host)."""
+    stop_strings = tuple(stop_strings)
+    vocab = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(vocab)]) if stop_strings else []
+    ids = {i for i, text in enumerate(texts) if any(s in text for s in stop_strings)}
+    if include_eos and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return np.asarray(sorted(ids), np.int32)
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """Greedy when temperature == 0, else nucleus (top-p) sampling at the given temperature."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class _State(NamedTuple):
+    step: jax.Array
+    tokens: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    cache: dict[str, jax.Array]
+    last_logits: jax.Array
+    rng: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p"))
+def generate(
+    model: Llama,
+    params: Any,
+    input_ids: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    attention_mask: jax.Array,
+    max_new_tokens: int,
+    stop_ids: jax.Array | None = None,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    pad_id: int | jax.Array = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Continues left-padded prompts. Returns (tokens [B, max_new_tokens], lengths [B]).
+
+    `lengths` counts generated tokens including the stop token; positions past it hold `pad_id`.
+    `params` is the LLM's params tree (without the {'params': ...} wrapper).
+    """
+    variables = {"params": params}
+    prompt = input_ids if inputs_embeds is None else inputs_embeds
+    b, t = prompt.shape[:2]
+    stop_ids = jnp.zeros((0,), jnp.int32) if stop_ids is None else jnp.asarray(stop_ids, jnp.int32)
+    rng = jax.random.key(0) if rng is None else rng
+
+    cache = init_cache(model.config, b, t + max_new_tokens, model.dtype)
+    logits, cache = model.apply(
+        variables, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache
+    )
+    state = _State(
+        step=jnp.zeros((), jnp.int32),
+        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        done=jnp.zeros((b,), jnp.bool_),
+        cache=cache,
+        last_logits=logits[:, -1],  # left padding puts every row's last prompt token in the last column
+        rng=rng,
+    )
+
+    def cond(s: _State) -> jax.Array:
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: _State) -> _State:
+        rng, key = jax.random.split(s.rng)
+        tok = sample_logits(s.last_logits, key, temperature, top_p)
+        tok = jnp.where(s.done, pad_id, tok)
+        tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
+        lengths = s.lengths + (~s.done).astype(jnp.int32)
+        done = s.done | jnp.isin(tok, stop_ids)
+        logits, cache = model.apply(
+            variables, tok[:, None], attention_mask=jnp.ones((b, 1), jnp.int32), cache=s.cache
+        )
+        return _State(s.step + 1, tokens, lengths, done, cache, logits[:, -1], rng)
+
+    final = jax.lax.while_loop(cond, body, state)
+    return final.tokens, final.lengths
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id lists -> (ids [B, T], mask [B, T]) left-padded to the longest."""
+    t = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), t), pad_id, np.int32)
+    mask = np.zeros((len(sequences), t), np.int32)
+    for i, s in enumerate(sequences):
+        if not s:
+            raise ValueError("empty prompt")
+        ids[i, t - len(s):] = s
+        mask[i, t - len(s):] = 1
+    return ids, mask

@@ -1,0 +1,139 @@
+"""LoRA: zero-init identity, merge == unmerged, peft parity, export through save_hf, tree splitting."""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rsllm_jax.checkpoint import hf as hf_ckpt
+from rsllm_jax.models.llama import Llama
+from rsllm_jax.models.lora import LORA_REGEX, LoraConfig, lora_paths, merge_lora, merge_trees, split_trainable
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_llama_parity import jax_logits, make_tiny_hf, max_masked_diff, ragged_batch, torch_logits  # noqa: E402
+
+LORA = LoraConfig(rank=4, alpha=16, dropout=0.1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: Llama, key: jax.Array):
+    return nn.unbox(model.init(key, jnp.ones((1, 4), jnp.int32))["params"])
+
+
+def with_lora(config, base_params, seed: int = 0, b_scale: float = 0.0):
+    """Base params + freshly initialised LoRA leaves."""
+    model = Llama(config, lora=LORA)
+    init = _init(model, jax.random.key(seed))
+    lora, _ = split_trainable(init, LORA_REGEX)
+    if b_scale:
+        leaves, treedef = jax.tree.flatten(lora)
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        lora = jax.tree.unflatten(
+            treedef, [x + b_scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        )
+    return model, merge_trees(base_params, lora)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, hf_model = make_tiny_hf(tmp_path_factory.mktemp("lora"))
+    return path, hf_model
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_zero_b_is_identity(tiny, scan):
+    path, hf_model = tiny
+    config, base = hf_ckpt.load_hf(path, scan_layers=scan)
+    model, params = with_lora(config, base)
+    assert lora_paths(params) and all(p.endswith(("lora_a", "lora_b")) for p in lora_paths(params))
+    ids, mask = ragged_batch(np.random.default_rng(0), config.vocab_size, [9, 4], left=True)
+    ours = jax_logits(model, params, ids, mask)
+    assert max_masked_diff(ours, torch_logits(hf_model, ids, mask), mask) < 1e-4
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_merged_equals_unmerged_and_exports(tiny, tmp_path, scan):
+    path, _ = tiny
+    config, base = hf_ckpt.load_hf(path, scan_layers=scan)
+    model, params = with_lora(config, base, b_scale=0.05)
+    ids, mask = ragged_batch(np.random.default_rng(0), config.vocab_size, [9, 4], left=True)
+    unmerged = jax_logits(model, params, ids, mask)
+    merged_params = merge_lora(params, LORA)
+    assert not lora_paths(merged_params)
+    merged = jax_logits(Llama(config), merged_params, ids, mask)
+    base_logits = jax_logits(Llama(config), base, ids, mask)
+    assert max_masked_diff(unmerged, base_logits, mask) > 1e-2  # the adapter does something
+    assert max_masked_diff(merged, unmerged, mask) < 1e-4
+    # Export the merged weights and reload them with transformers.
+    out = hf_ckpt.save_hf(merged_params, config, tmp_path / "merged")
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert max_masked_diff(torch_logits(reloaded, ids, mask), unmerged, mask) < 1e-4
+    with pytest.raises(ValueError, match="merge_lora"):
+        hf_ckpt.save_hf(params, config, tmp_path / "unmerged")
+
+
+def test_matches_peft(tiny):
+    """Our adapter layout maps 1:1 onto peft's lora_A/lora_B with scaling alpha/r."""
+    peft = pytest.importorskip("peft")
+    path, hf_model = tiny
+    config, base = hf_ckpt.load_hf(path)
+    model, params = with_lora(config, base, b_scale=0.05)
+    peft_model = peft.get_peft_model(
+        transformers.LlamaForCausalLM.from_pretrained(path).eval(),
+        peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0, target_modules=list(LORA.targets)),
+    ).eval()
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+                continue
+            layer = int(name.split("layers.")[1].split(".")[0])
+            group, proj = name.split(".")[-2:]
+            ours = params[f"layers_{layer}"][group][proj]
+            a, b = np.asarray(ours["lora_a"]), np.asarray(ours["lora_b"])
+            # Ours: a [in..., r], b [r, out...]; torch Linear weights are [out, in].
+            module.lora_A["default"].weight.copy_(torch.tensor(a.reshape(-1, LORA.rank).T))
+            module.lora_B["default"].weight.copy_(torch.tensor(b.reshape(LORA.rank, -1).T))
+    ids, mask = ragged_batch(np.random.default_rng(2), config.vocab_size, [7, 5], left=True)
+    ours = jax_logits(model, params, ids, mask)
+    assert max_masked_diff(ours, torch_logits(peft_model, ids, mask), mask) < 1e-4
+
+
+def test_dropout_only_in_training(tiny):
+    path, _ = tiny
+    config, base = hf_ckpt.load_hf(path)
+    model, params = with_lora(config, base, b_scale=0.05)
+    ids = np.ones((1, 6), np.int32)
+    det = jax_logits(model, params, ids)
+    det2 = jax_logits(model, params, ids, dropout_rng=jax.random.key(1), deterministic=True)
+    train = jax_logits(model, params, ids, dropout_rng=jax.random.key(1), deterministic=False)
+    np.testing.assert_array_equal(det, det2)
+    assert np.abs(np.asarray(train) - np.asarray(det)).max() > 1e-4
+
+
+def test_split_and_merge_trees(tiny):
+    path, _ = tiny
+    config, base = hf_ckpt.load_hf(path, scan_layers=True)
+    _, params = with_lora(config, base)
+    trainable, frozen = split_trainable(params, [LORA_REGEX])
+    flat_t = jax.tree_util.tree_leaves_with_path(trainable)
+    assert len(flat_t) == 2 * len(LORA.targets)  # one stacked (a, b) pair per target
+    assert all(str(p[-1].key).startswith("lora_") for p, _ in flat_t)
+    assert "lora_a" not in str(jax.tree.structure(frozen))
+    jax.tree.map(np.testing.assert_array_equal, merge_trees(trainable, frozen), params)
+    # Gradients flow only into the trainable subtree.
+    model = Llama(config, lora=LORA)
+
+    def loss(t, f):
+        return model.apply({"params": merge_trees(t, f)}, np.ones((1, 4), np.int32)).mean()
+
+    grads = jax.jit(jax.grad(loss))(trainable, frozen)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    with pytest.raises(ValueError, match="overlap"):
+        merge_trees(trainable, params)

@@ -1,0 +1,22 @@
+import json
+
+import pytest
+
+from rsllm_jax.plot import plot, read_metrics
+
+
+def test_plot_writes_png_and_resumed_steps_override(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "loss": 1.5, "val/hr": 0.2}]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    s = read_metrics(str(p))
+    assert s["loss"] == ([1.0, 2.0], [3.0, 1.5])
+    out = plot(s, str(tmp_path / "c.png"), "t")
+    assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_line_names_file_and_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_metrics(str(p))

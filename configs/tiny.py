@@ -27,6 +27,7 @@ def get_llm_config(stage: str = "stage2"):
     c.eval.batch_size = 8
     c.eval.max_new_tokens = 8
     c.lora.dropout = 0.0
+    c.lora.rank = 8
     c.optim.lr = 3e-3
     c.stage1.datasets = ("custom",)
     c.stage2.build_missing = False

@@ -108,7 +108,9 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None) -> dict:
     stop = False
     loss_acc, n_acc = 0.0, 0
     with jax.set_mesh(mesh):
-        for step in range(start_step, total_steps):
+        # A run that already early-stopped is finished: restarting it only re-evaluates.
+        end_step = start_step if meta.get("bad_evals", 0) >= cfg.sasrec.patience else total_steps
+        for step in range(start_step, end_step):
             batch = sharding.global_batch(next(data_iter), mesh)
             state, metrics = step_fn(state, batch, rng)
             loss_acc, n_acc = loss_acc + metrics["loss"], n_acc + 1

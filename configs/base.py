@@ -91,6 +91,7 @@ def get_config():
     c.train.eval_every_steps = 0  # 0 = only at the end
     c.train.checkpoint_every_steps = 50
     c.train.keep_checkpoints = 2
+    c.train.stop_after_steps = 0  # >0: save and exit after this step (simulates preemption; resume tests)
     c.train.val_samples = 0  # 0 = all validation rows when picking the best checkpoint
 
     c.stage1 = ml_collections.ConfigDict()

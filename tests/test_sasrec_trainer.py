@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from configs import tiny
 from rsllm_jax.train.sasrec_trainer import train_sasrec

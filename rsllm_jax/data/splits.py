@@ -691,3 +691,13 @@ def load_split(dataset: str, *, data_dir: str | None = None, cache_dir: str | No
     }
     cache_lib.save_cached(path, parts.titles, parts.train, parts.val, parts.test, manifest)
     return SplitData(dataset, parts.titles, parts.train, parts.val, parts.test, manifest)
+
+
+def load_split_from_config(data_cfg, dataset: str | None = None) -> SplitData:
+    """`load_split` with the fields of a run config's `data` block (every stage loads data this way)."""
+    d = data_cfg
+    return load_split(
+        dataset or d.dataset, data_dir=d.data_dir or None, cache_dir=d.cache_dir or None, seed=d.split_seed,
+        custom_interactions=d.custom_interactions, custom_items=d.custom_items,
+        num_candidates=d.num_candidates, max_history=d.max_history, min_history=d.min_history,
+    )

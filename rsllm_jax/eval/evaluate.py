@@ -9,7 +9,6 @@ Writes <out_dir>/predictions_<name>.jsonl and <out_dir>/metrics_<name>.json.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -22,9 +21,9 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from rsllm_jax import losses, sharding
+from rsllm_jax import losses
 from rsllm_jax.data.prompt_pipeline import EvalExample, eval_batches
-from rsllm_jax.data.prompts import PromptBuilder, bucket_length
+from rsllm_jax.data.prompts import PromptBuilder
 from rsllm_jax.eval import generation_metrics, ranking
 from rsllm_jax.models.generate import generate, stop_token_ids
 from rsllm_jax.models.llama import Llama

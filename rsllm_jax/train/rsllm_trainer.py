@@ -21,7 +21,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
@@ -30,7 +29,7 @@ from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax.data.prompt_pipeline import TrainExample, train_batches
 from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings
-from rsllm_jax.data.splits import SplitData, load_split
+from rsllm_jax.data.splits import SplitData, load_split_from_config
 from rsllm_jax.eval.evaluate import Evaluator, params_fingerprint
 from rsllm_jax.train import step as step_lib
 from rsllm_jax.train.optimizer import count_params, make_optimizer
@@ -41,12 +40,7 @@ from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_
 
 # ---------------------------------------------------------------- inputs
 def split_for(cfg, dataset: str) -> SplitData:
-    d = cfg.data
-    return load_split(
-        dataset, data_dir=d.data_dir or None, cache_dir=d.cache_dir or None, seed=d.split_seed,
-        custom_interactions=d.custom_interactions, custom_items=d.custom_items,
-        num_candidates=d.num_candidates, max_history=d.max_history, min_history=d.min_history,
-    )
+    return load_split_from_config(cfg.data, dataset)
 
 
 def prompt_builder(cfg, tokenizer, split: SplitData, vocab_size: int) -> PromptBuilder:

@@ -22,7 +22,7 @@ from absl import logging
 from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax.data import pipeline, sasrec_batches
-from rsllm_jax.data.splits import SplitData, load_split
+from rsllm_jax.data.splits import SplitData, load_split_from_config
 from rsllm_jax.eval import ranking
 from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table
 from rsllm_jax.train.sasrec_step import eval_scores, train_step
@@ -52,12 +52,7 @@ def evaluate(model, params, records, cfg, mesh, eval_fn) -> dict:
 
 def train_sasrec(cfg, workdir: str, split: SplitData | None = None) -> dict:
     t_start = time.time()
-    split = split or load_split(
-        cfg.data.dataset, data_dir=cfg.data.data_dir or None, cache_dir=cfg.data.cache_dir or None,
-        seed=cfg.data.split_seed, custom_interactions=cfg.data.custom_interactions,
-        custom_items=cfg.data.custom_items, num_candidates=cfg.data.num_candidates,
-        max_history=cfg.data.max_history, min_history=cfg.data.min_history,
-    )
+    split = split or load_split_from_config(cfg.data)
     logging.info("dataset %s: %d items, %d train / %d val / %d test samples", split.dataset, split.num_items,
                  len(split.train), len(split.val), len(split.test))
     mcfg = SASRecConfig(num_items=split.num_items, max_len=cfg.data.max_history, hidden=cfg.sasrec.hidden,

@@ -105,6 +105,26 @@ def test_stops_per_row_and_pads_after():
     assert lengths[0] <= 3
 
 
+def test_leading_stop_tokens_do_not_stop_an_empty_answer():
+    model, params = tiny_model()
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    free, _ = generate(model, params, ids, attention_mask=mask, max_new_tokens=8)
+    free = np.asarray(free)
+    stop = int(free[0, 0])  # row 0's very first token
+    tokens, lengths = generate(model, params, ids, attention_mask=mask, max_new_tokens=8,
+                               stop_ids=np.array([stop]), leading_ids=np.array([stop]), pad_id=-1)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    for row, n in zip(range(len(PROMPTS)), lengths):
+        lead = 0
+        while lead < 8 and free[row, lead] == stop:
+            lead += 1  # leading stop tokens are kept and do not stop the row
+        later = np.flatnonzero(free[row, lead:] == stop)
+        expected = lead + later[0] + 1 if later.size else 8
+        assert n == expected
+        np.testing.assert_array_equal(tokens[row, :n], free[row, :n])
+    assert lengths[0] > 1
+
+
 def test_sampling():
     logits = jnp.array([[0.0, 3.0, 2.9, -5.0]] * 4000)
     keys = jax.random.key(0)

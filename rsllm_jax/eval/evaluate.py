@@ -25,7 +25,7 @@ from rsllm_jax import losses
 from rsllm_jax.data.prompt_pipeline import EvalExample, eval_batches
 from rsllm_jax.data.prompts import PromptBuilder
 from rsllm_jax.eval import generation_metrics, ranking
-from rsllm_jax.models.generate import generate, stop_token_ids
+from rsllm_jax.models.generate import blank_token_ids, generate, stop_token_ids
 from rsllm_jax.models.llama import Llama
 from rsllm_jax.models.rsllm import RSLLM
 from rsllm_jax.train.run_log import is_writer, write_json_atomic
@@ -41,6 +41,8 @@ class Evaluator:
         self.template, self.use_ids, self.buckets = template, use_ids, tuple(buckets)
         self.llm = Llama(model.config.llm, dtype=model.dtype, param_dtype=model.param_dtype, lora=model.lora)
         self.stop_ids = jnp.asarray(stop_token_ids(tokenizer, ("\n",)))
+        # An answer may open with a newline; only a newline after some text ends it.
+        self.leading_ids = jnp.asarray(blank_token_ids(tokenizer))
         self._embed = jax.jit(lambda p, ids, slots: model.apply({"params": p}, ids, slots, method=RSLLM.embed))
         self._forward = jax.jit(lambda p, ids, mask, slots: model.apply({"params": p}, ids, mask, slots)[1])
 
@@ -83,7 +85,8 @@ class Evaluator:
             embeds = self._embed(params, batch["input_ids"], batch["slot_items"])
             tokens, lengths = generate(self.llm, params["llm"], inputs_embeds=embeds,
                                        attention_mask=jnp.asarray(batch["attention_mask"]),
-                                       max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids)
+                                       max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+                                       leading_ids=self.leading_ids)
             tokens, lengths = np.asarray(tokens), np.asarray(lengths)
             if two_tower:
                 hidden = self._forward(params, batch["input_ids"], batch["attention_mask"], batch["slot_items"])

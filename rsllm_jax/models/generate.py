@@ -29,6 +29,12 @@ def stop_token_ids(tokenizer: Any, stop_strings: Iterable[str] = ("\n",), includ
     return np.asarray(sorted(ids), np.int32)
 
 
+def blank_token_ids(tokenizer: Any) -> np.ndarray:
+    """Ids of tokens whose decoded text is only whitespace (e.g. "\n", "\n\n", " ")."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return np.asarray([i for i, t in enumerate(texts) if t and not t.strip()], np.int32)
+
+
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
     """Greedy when temperature == 0, else nucleus (top-p) sampling at the given temperature."""
     if temperature == 0.0:
@@ -52,6 +58,7 @@ class _State(NamedTuple):
     cache: dict[str, jax.Array]
     last_logits: jax.Array
     rng: jax.Array
+    started: jax.Array  # a row has produced a token outside `leading_ids`
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p"))
@@ -68,16 +75,20 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     pad_id: int | jax.Array = 0,
+    leading_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Continues left-padded prompts. Returns (tokens [B, max_new_tokens], lengths [B]).
 
     `lengths` counts generated tokens including the stop token; positions past it hold `pad_id`.
     `params` is the LLM's params tree (without the {'params': ...} wrapper).
+    `leading_ids` (e.g. whitespace-only tokens): a stop token among them does not stop a row that has
+    produced nothing else yet, so an answer that starts on a fresh line is not cut to "".
     """
     variables = {"params": params}
     prompt = input_ids if inputs_embeds is None else inputs_embeds
     b, t = prompt.shape[:2]
     stop_ids = jnp.zeros((0,), jnp.int32) if stop_ids is None else jnp.asarray(stop_ids, jnp.int32)
+    leading_ids = jnp.zeros((0,), jnp.int32) if leading_ids is None else jnp.asarray(leading_ids, jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
 
     cache = init_cache(model.config, b, t + max_new_tokens, model.dtype)
@@ -92,6 +103,7 @@ def generate(
         cache=cache,
         last_logits=logits[:, -1],  # left padding puts every row's last prompt token in the last column
         rng=rng,
+        started=jnp.zeros((b,), jnp.bool_),
     )
 
     def cond(s: _State) -> jax.Array:
@@ -103,11 +115,13 @@ def generate(
         tok = jnp.where(s.done, pad_id, tok)
         tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
         lengths = s.lengths + (~s.done).astype(jnp.int32)
-        done = s.done | jnp.isin(tok, stop_ids)
+        leading = jnp.isin(tok, leading_ids)
+        done = s.done | (jnp.isin(tok, stop_ids) & (s.started | ~leading))
+        started = s.started | ~leading
         logits, cache = model.apply(
             variables, tok[:, None], attention_mask=jnp.ones((b, 1), jnp.int32), cache=s.cache
         )
-        return _State(s.step + 1, tokens, lengths, done, cache, logits[:, -1], rng)
+        return _State(s.step + 1, tokens, lengths, done, cache, logits[:, -1], rng, started)
 
     final = jax.lax.while_loop(cond, body, state)
     return final.tokens, final.lengths

@@ -17,11 +17,13 @@ import functools
 import json
 import math
 import os
+import re
 import time
 
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
@@ -31,8 +33,13 @@ from rsllm_jax.data.prompt_pipeline import TrainExample, train_batches
 from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings
 from rsllm_jax.data.splits import SplitData, load_split_from_config
 from rsllm_jax.eval.evaluate import Evaluator, params_fingerprint
+from rsllm_jax.models.lora import merge_trees
 from rsllm_jax.train import step as step_lib
-from rsllm_jax.train.optimizer import count_params, make_optimizer
+from rsllm_jax.train.optimizer import (
+    count_params,
+    learning_rate_schedule,
+    make_optimizer,
+)
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.rsllm_step import rsllm_loss
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
@@ -97,9 +104,6 @@ def _has_checkpoint(run_dir: str) -> bool:
 
 def _restore_trainable(run_dir: str, keep: str | None = None) -> dict:
     """The trainable subtree of a run's best (else latest) checkpoint, as host numpy arrays."""
-    import orbax.checkpoint as ocp
-    import re
-
     for sub in ("best", "checkpoints"):
         path = os.path.join(run_dir, sub)
         if not os.path.isdir(path):
@@ -169,6 +173,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                                    buckets=cfg.prompts.buckets, worker_count=cfg.data.grain_workers))
 
     tx = make_optimizer(cfg.optim, total_steps)
+    lr_schedule = learning_rate_schedule(cfg.optim.lr, total_steps, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio)
     loss_fn = functools.partial(rsllm_loss, built.model, cfg.loss)
     state = step_lib.create_state(trainable, frozen, tx)
     repl = sharding.replicated(mesh)
@@ -219,7 +224,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                         "and resume.")
                 rate = progress.update(done - progress.bar.n, tokens_since,
                                        {k: m[k] for k in ("loss", "nip", "l_ut", "l_tt")}, item_name="tok")
-                log.write(dict(step=done, tokens_per_s=rate, lr=float(tx_lr(cfg, total_steps, done)),
+                log.write(dict(step=done, tokens_per_s=rate, lr=float(lr_schedule(done)),
                                **{k: float(v) for k, v in m.items()}))
                 tokens_since = 0
             improved = False
@@ -269,15 +274,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
 
 
 def merge(state: step_lib.TrainState) -> dict:
-    from rsllm_jax.models.lora import merge_trees
-
     return merge_trees(state.trainable, state.frozen)
-
-
-def tx_lr(cfg, total_steps: int, step: int) -> float:
-    from rsllm_jax.train.optimizer import learning_rate_schedule
-
-    return learning_rate_schedule(cfg.optim.lr, total_steps, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio)(step)
 
 
 def run_eval(cfg, workdir: str, *, llm=None) -> dict:

@@ -47,7 +47,7 @@ def get_config():
     c.llm.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.llm.param_dtype = "float32"  # storage dtype of the frozen base weights
     c.llm.remat_policy = "none"  # none | full | dots
-    c.llm.scan_layers = False
+    c.llm.scan_layers = True  # one layer body to compile (30 unrolled layers take minutes to compile on CPU)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8
@@ -61,6 +61,9 @@ def get_config():
     c.prompts = ml_collections.ConfigDict()
     c.prompts.use_ids = True  # Text-ID rendering "<title> [IID]"; False = text-only
     c.prompts.use_marker = False  # a marker token before each ID slot (ours)
+    # Wrap each prompt as a user turn of the tokenizer's chat template: on | off | auto (on when the
+    # tokenizer has one; SmolLM2-Instruct answers bare completion prompts with EOS).
+    c.prompts.chat_template = "auto"
     c.prompts.eval_template = 0  # the fixed template at evaluation
     c.prompts.buckets = (256, 384, 512, 640, 768, 1024)
     c.prompts.target_len = 24  # the target alone: a title + slot (longer titles are cut)

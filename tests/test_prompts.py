@@ -78,3 +78,45 @@ def test_long_target_titles_are_cut_but_keep_their_slot():
     t = b.render_target(3, use_ids=True)
     assert t["target_attention_mask"].sum() == 4
     assert t["target_input_ids"][3] == b.iid_id and t["target_slot_items"][3] == 3
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+
+
+def _chat_tokenizer():
+    import copy
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_chat_template_wraps_the_prompt_and_answers_as_the_assistant():
+    tok = _chat_tokenizer()
+    plain = PromptBuilder(tok, TITLES, V, PromptSettings(chat_template="off"))
+    chat = PromptBuilder(tok, TITLES, V, PromptSettings(chat_template="auto"))
+    assert plain.chat is None and chat.chat is not None
+    p = plain.render([0, 1, 2], [3, 4, 5, 6], target=4, template=0, use_ids=True)
+    c = chat.render([0, 1, 2], [3, 4, 5, 6], target=4, template=0, use_ids=True)
+    text = tok.decode([t if t < V else tok.eos_token_id for t in c["input_ids"]])
+    assert "<|endoftext|>user\nA user watched" in text
+    prompt_text = tok.decode([t for t, a in zip(c["input_ids"], c["answer_mask"]) if not a and t < V])
+    assert prompt_text.endswith("\n<|endoftext|>assistant\n")
+    # The reply is the bare title (no leading space) + newline; slots are the same items in order.
+    assert tok.decode(c["input_ids"][c["answer_mask"] == 1]) == "Star Wars\n"
+    np.testing.assert_array_equal(c["slot_items"][c["slot_items"] >= 0], p["slot_items"][p["slot_items"] >= 0])
+    assert c["history_mask"].sum() == p["history_mask"].sum()
+
+
+def test_chat_template_on_without_one_is_an_error():
+    with pytest.raises(ValueError, match="no chat template"):
+        PromptBuilder(tiny_tokenizer(), TITLES, V, PromptSettings(chat_template="on"))
+    with pytest.raises(ValueError, match="on, off or auto"):
+        PromptBuilder(tiny_tokenizer(), TITLES, V, PromptSettings(chat_template="yes"))
+
+
+def test_no_double_space_before_item_lists():
+    tok = tiny_tokenizer()
+    ex = _builder().render([0, 1], [2, 3], target=None, template=0, use_ids=False)
+    text = tok.decode(ex["input_ids"])
+    assert "first: Toy Story, Heat. Candidate movies: Alien" in text, text

@@ -4,6 +4,7 @@ import functools
 import jax
 import numpy as np
 import flax.linen as nn
+import pytest
 
 from configs import tiny
 from rsllm_jax import sharding
@@ -90,8 +91,9 @@ def _run_steps(mesh_shape, devices, llm, batch, steps=2, lr=None, trainable=None
     return losses, jax.device_get(state.trainable), state
 
 
-def test_sharded_step_matches_single_device():
-    llm = tiny_llm()
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned-layers"])
+def test_sharded_step_matches_single_device(scan):
+    llm = tiny_llm(scan_layers=scan)
     builder = PromptBuilder(llm[2], TITLES, llm[0].vocab_size, PromptSettings(buckets=(128, 256)))
     batch = _batch(builder, n=16)
     one, p1, _ = _run_steps((1, 1, 1), jax.devices()[:1], llm, batch)
@@ -101,8 +103,13 @@ def test_sharded_step_matches_single_device():
             np.testing.assert_allclose(b[k], a[k], rtol=2e-4, atol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-5), p1, p8)
     # The 8-device state really is sharded by the logical rules (not silently replicated).
-    q = state8.frozen["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec[:2] == ("fsdp", "tensor")
+    layers = state8.frozen["llm"]["layers"] if scan else state8.frozen["llm"]["layers_0"]
+    spec = layers["self_attn"]["q_proj"]["kernel"].sharding.spec
+    assert tuple(spec)[scan:scan + 2] == ("fsdp", "tensor")
+    # LoRA leaves are trained per layer (scanned: one stacked leaf with the layer axis first).
+    lora_a = p8["llm"]["layers"]["self_attn"]["q_proj"]["lora_a"] if scan else None
+    if scan:
+        assert lora_a.shape[0] == llm[0].num_layers
 
 
 def test_tiny_model_overfits_a_batch():
@@ -114,3 +121,25 @@ def test_tiny_model_overfits_a_batch():
                               trainable=(r"llm/.*", r"projector/.*", r"added_embeddings/.*"))
     assert losses[-1]["nip"] < 0.5 * losses[0]["nip"]
     assert losses[-1]["loss"] < losses[0]["loss"]
+
+
+def test_title_representation_is_a_title_only_pass_and_alignment_is_reported():
+    llm = tiny_llm()
+    cfg = _cfg()
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    built = _built(cfg, mesh, llm)
+    builder = PromptBuilder(llm[2], TITLES, llm[0].vocab_size, PromptSettings(buckets=(128, 256), use_marker=True))
+    b = _batch(builder)
+    out = built.model.apply({"params": built.params}, b, method=RSLLM.towers)
+    # A separate pass over the bare titles (no marker, no slot) gives the same pooled vector.
+    bare = [builder.render_target(int(i), use_ids=False) for i in b["target_item"]]
+    ids = np.stack([e["target_input_ids"] for e in bare])
+    mask = np.stack([e["target_attention_mask"] for e in bare])
+    _, hidden = built.model.apply({"params": built.params}, ids, mask)
+    from rsllm_jax import losses
+    np.testing.assert_allclose(np.asarray(out["v_title"]), np.asarray(losses.masked_mean_pool(hidden, mask)),
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(out["v_title"]), np.asarray(out["v_target"]), atol=1e-4)
+    cfg.loss.align_weight = 0.1
+    total, metrics = rsllm_loss(built.model, cfg.loss, built.params, {}, b, jax.random.key(0))
+    assert np.isfinite(float(metrics["l_align"])) and float(metrics["l_align"]) > 0

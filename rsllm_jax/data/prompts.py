@@ -66,6 +66,33 @@ class PromptSettings:
     use_marker: bool = False  # put MARKER_TOKEN before each ID slot (ours)
     buckets: tuple[int, ...] = (256, 384, 512, 768, 1024)
     target_len: int = 24  # the second tower's input (target item alone), padded to this
+    chat_template: str = "off"  # on | off | auto (on when the tokenizer has one): wrap as a user turn
+
+
+_SENTINEL = "\x00RSLLM_PROMPT\x00"
+
+
+def chat_wrapping(tokenizer, mode: str) -> tuple[str, str] | None:
+    """(text before, text after) the user's message in the tokenizer's chat template, or None.
+
+    Instruct models (SmolLM2-Instruct, Llama-*-chat) answer a bare completion prompt with EOS; wrapped
+    as a user turn followed by the assistant header they answer. The template is rendered once around
+    a sentinel so the prompt pieces keep being tokenized one by one.
+    """
+    if mode not in ("on", "off", "auto"):
+        raise ValueError(f"config.prompts.chat_template must be on, off or auto, got {mode!r}")
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "off" or (mode == "auto" and not has):
+        return None
+    if not has:
+        raise ValueError("config.prompts.chat_template='on' but the tokenizer has no chat template: "
+                         "use 'off' (plain completion prompts) or a chat/instruct checkpoint")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                         add_generation_prompt=True)
+    before, sep, after = text.partition(_SENTINEL)
+    if not sep:
+        raise ValueError("the tokenizer's chat template does not reproduce the user message verbatim")
+    return before, after
 
 
 class PromptBuilder:
@@ -81,12 +108,18 @@ class PromptBuilder:
         self.marker_id = vocab_size + 1
         self.num_added_tokens = 2
         self.bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+        self.chat = chat_wrapping(tokenizer, settings.chat_template)
+        if self.chat and tokenizer.bos_token and self.chat[0].startswith(tokenizer.bos_token):
+            self.bos = []  # the template writes BOS itself
         self._cache: dict[str, list[int]] = {}
         self.templates = [self._parse(t) for t in TEMPLATES[settings.domain]]
 
     @staticmethod
     def _parse(template: str) -> list[tuple[str, str | None]]:
-        return [(lit, field) for lit, field, _, _ in string.Formatter().parse(template)]
+        # Each item list starts with its own leading space (tokenized with the first title), so the
+        # literal before it drops its trailing space: "first: Heat", not "first:  Heat".
+        return [(lit[:-1] if field and lit.endswith(" ") else lit, field)
+                for lit, field, _, _ in string.Formatter().parse(template)]
 
     def encode_text(self, text: str) -> list[int]:
         if text not in self._cache:
@@ -117,7 +150,10 @@ class PromptBuilder:
                template: int, use_ids: bool) -> dict[str, np.ndarray]:
         """One example. `target` None -> prompt only (generation); else prompt + answer + labels."""
         ids, slots, hist = list(self.bos), [-1] * len(self.bos), [0] * len(self.bos)
-        for literal, field in self.templates[template]:
+        pieces = list(self.templates[template])
+        if self.chat:
+            pieces = [(self.chat[0], None)] + pieces + [(self.chat[1], None)]
+        for literal, field in pieces:
             if literal:
                 t = self.encode_text(literal)
                 ids, slots, hist = ids + t, slots + [-1] * len(t), hist + [0] * len(t)
@@ -128,7 +164,9 @@ class PromptBuilder:
                 t, s = self._items(candidates, use_ids)
                 ids, slots, hist = ids + t, slots + s, hist + [0] * len(t)
         prompt_len = len(ids)
-        answer = [] if target is None else self.encode_text(" " + self.titles[target] + "\n")
+        # A completion continues "Answer:" after a space; a chat reply starts a fresh assistant turn.
+        lead = "" if self.chat else " "
+        answer = [] if target is None else self.encode_text(lead + self.titles[target] + "\n")
         ids, slots, hist = ids + answer, slots + [-1] * len(answer), hist + [0] * len(answer)
         answer_mask = [0] * prompt_len + [1] * len(answer)
         out = dict(

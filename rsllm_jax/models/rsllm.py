@@ -75,11 +75,15 @@ class RSLLM(nn.Module):
         logits, hidden = self(batch["input_ids"], batch["attention_mask"], slots, deterministic=deterministic)
         _, t_hidden = self(batch["target_input_ids"], batch["target_attention_mask"],
                            batch.get("target_slot_items"), deterministic=deterministic)
+        # The title-only representation for the ID-text alignment: the ID slot (and marker) come after
+        # the title, so under causal attention the title tokens' states are exactly a title-only pass.
+        title_mask = batch["target_attention_mask"] * (batch["target_input_ids"] < self.config.llm.vocab_size)
         return dict(
             logits=logits,
             v_user=losses.masked_mean_pool(hidden, batch["history_mask"]),
             v_target_given_user=losses.masked_mean_pool(hidden, batch["answer_mask"]),
             v_target=losses.masked_mean_pool(t_hidden, batch["target_attention_mask"]),
+            v_title=losses.masked_mean_pool(t_hidden, title_mask),
         )
 
     def item_id_embedding(self, items: jax.Array) -> jax.Array:

@@ -23,9 +23,10 @@ def rsllm_loss(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
     metrics = dict(nip=nip, l_ut=l_ut, l_tt=l_tt, answer_tokens=n_tokens)
     align = None
     if loss_cfg.align_weight and model.config.num_items:
-        # ID-text alignment (ours): the projected ID of the target vs its title-only representation.
+        # ID-text alignment (ours): the projected ID of the target vs the LLM's title-only representation
+        # (v_title excludes the slot; v_target would contain the projected ID itself).
         id_vec = model.apply({"params": params}, batch["target_item"], method=RSLLM.item_id_embedding)
-        align = losses.info_nce(id_vec, out["v_target"], **nce)
+        align = losses.info_nce(id_vec, out["v_title"], **nce)
         metrics["l_align"] = align
     total = losses.combine(nip, l_tt, l_ut, loss_cfg.weight_tt, loss_cfg.weight_ut, align, loss_cfg.align_weight)
     metrics["loss"] = total

@@ -52,7 +52,8 @@ def split_for(cfg, dataset: str) -> SplitData:
 
 def prompt_builder(cfg, tokenizer, split: SplitData, vocab_size: int) -> PromptBuilder:
     settings = PromptSettings(domain=DOMAIN_OF_DATASET.get(split.dataset, "movie"), use_marker=cfg.prompts.use_marker,
-                              buckets=tuple(cfg.prompts.buckets), target_len=cfg.prompts.target_len)
+                              buckets=tuple(cfg.prompts.buckets), target_len=cfg.prompts.target_len,
+                              chat_template=cfg.prompts.chat_template)
     return PromptBuilder(tokenizer, split.titles, vocab_size, settings)
 
 

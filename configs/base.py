@@ -61,6 +61,7 @@ def get_config():
     c.prompts = ml_collections.ConfigDict()
     c.prompts.use_ids = True  # Text-ID rendering "<title> [IID]"; False = text-only
     c.prompts.use_marker = False  # a marker token before each ID slot (ours)
+    c.prompts.use_titles = True  # False: history and candidates as ID slots only (ablation; needs use_ids)
     # Wrap each prompt as a user turn of the tokenizer's chat template: on | off | auto (on when the
     # tokenizer has one; SmolLM2-Instruct answers bare completion prompts with EOS).
     c.prompts.chat_template = "auto"

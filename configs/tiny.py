@@ -2,7 +2,10 @@
 from configs import base
 
 
-def get_config():
+def get_config(stage: str | None = None):
+    """`--config=configs/tiny.py` is stage 0; `--config=configs/tiny.py:stage2` (or stage1 / eval) the LLM stages."""
+    if stage:
+        return get_llm_config(stage)
     c = base.get_config()
     c.sasrec.batch_size = 32
     c.sasrec.epochs = 2
@@ -14,7 +17,7 @@ def get_config():
 
 def get_llm_config(stage: str = "stage2"):
     """Stages 1/2/eval in seconds: used with a random tiny LLaMA and an in-process tokenizer."""
-    c = get_config()
+    c = get_config(None)
     c.stage = stage
     c.prompts.use_ids = stage != "stage1"
     c.prompts.buckets = (384, 512, 640)
@@ -35,3 +38,4 @@ def get_llm_config(stage: str = "stage2"):
         c.checkpoint = ""
         c.checkpoint_stage = "stage2"
     return c
+

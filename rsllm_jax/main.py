@@ -13,6 +13,13 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, exports. Default: runs/<stage>-<dataset>.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None,
+    "Initialise jax.distributed (multi-process). Default: on when the environment says this is one process "
+    "of several (SLURM_NTASKS>1, a multi-host TPU slice, JAX_COORDINATOR_ADDRESS) or --coordinator_address is set.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual multi-process runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process runs)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process runs)")
 
 STAGES = ("sasrec", "stage1", "stage2", "eval")
 
@@ -22,13 +29,36 @@ class _OwnInfoOnly(py_logging.Filter):
         return record.levelno >= py_logging.WARNING or "rsllm_jax" in record.pathname
 
 
+def multi_process_environment(env=os.environ) -> bool:
+    """Whether the launcher started this as one process of several (so jax.distributed must run)."""
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return True
+    # Cloud TPU VMs list every worker of the slice; a single-host slice lists one.
+    return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def initialize_distributed() -> None:
+    """Start JAX's distributed runtime before any device is touched, only when multi-process."""
+    import jax
+
+    manual = _COORDINATOR.value is not None
+    wanted = _DISTRIBUTED.value if _DISTRIBUTED.value is not None else (manual or multi_process_environment())
+    if not wanted:
+        return
+    # Auto-detection (TPU pods, SLURM, ...) when no coordinator is given; explicit values otherwise.
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+
+
 def _log_runtime() -> None:
     import jax
 
     logging.info(
-        "jax %s: process %d/%d, %d local / %d global devices (%s)",
+        "jax %s: process %d/%d, %d local / %d global devices (%s): %s",
         jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-        jax.devices()[0].platform,
+        jax.devices()[0].platform, [str(d) for d in jax.local_devices()],
     )
 
 
@@ -46,15 +76,25 @@ def main(argv) -> None:
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config=configs/sasrec.py")
+    initialize_distributed()
+    import jax
+
     workdir = _WORKDIR.value or default_workdir(cfg)
+    if "://" in workdir:
+        raise app.UsageError(
+            f"--workdir={workdir}: run directories are written with plain file I/O (metrics appended line by "
+            "line, numpy exports, absl logs); mount the bucket (gcsfuse, as launch/tpu_pod.sh does) or use a "
+            "shared filesystem and pass that path")
     os.makedirs(workdir, exist_ok=True)
+    # One log file per process (absl names it after the host and pid); only process 0 writes the rest.
     logging.get_absl_handler().use_absl_log_file("log", workdir)
     logging.set_stderrthreshold("info")
     # Libraries (orbax, grain) log every save/restore at INFO: keep their warnings, drop the chatter.
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     _log_runtime()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
 
     if cfg.stage == "sasrec":
         from rsllm_jax.train.sasrec_trainer import train_sasrec
@@ -65,7 +105,8 @@ def main(argv) -> None:
         from rsllm_jax.train.rsllm_trainer import run_stage
 
         results = run_stage(cfg, workdir)
-        print(json.dumps({k: results[k] for k in ("val", "test", "wall_time_s", "train_samples")}, indent=2))
+        print(json.dumps({k: results[k] for k in ("val", "test", "wall_time_s", "train_samples", "interrupted_at")
+                          if k in results}, indent=2))
     elif cfg.stage == "eval":
         from rsllm_jax.train.rsllm_trainer import run_eval
 

@@ -86,3 +86,30 @@ def global_batch(local_batch, mesh):
         lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)),
         local_batch,
     )
+
+
+def max_across_processes(value: int) -> int:
+    """The largest `value` any process holds (a tiny all-gather; free when single-process)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def host_to_global(x, mesh):
+    """A host array that every process holds in full -> a global jax.Array, batch-sharded when the
+    batch divides over the data-parallel devices (else replicated). Used for evaluation inputs."""
+    x = np.asarray(x)
+    n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+    sh = batch_sharding(mesh, x.ndim) if x.ndim and x.shape[0] % n_data == 0 else replicated(mesh)
+    return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+
+
+def to_host(x) -> np.ndarray:
+    """A global jax.Array -> the full value as numpy on every process."""
+    if jax.process_count() == 1 or getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -120,3 +120,17 @@ def test_no_double_space_before_item_lists():
     ex = _builder().render([0, 1], [2, 3], target=None, template=0, use_ids=False)
     text = tok.decode(ex["input_ids"])
     assert "first: Toy Story, Heat. Candidate movies: Alien" in text, text
+
+
+def test_id_only_rendering_keeps_slots_and_drops_titles():
+    tok = tiny_tokenizer()
+    b = _builder(use_titles=False)
+    ex = b.render([0, 1, 2], [3, 4], target=4, template=0, use_ids=True)
+    slots = ex["slot_items"]
+    assert list(slots[slots >= 0]) == [0, 1, 2, 3, 4]
+    prompt = tok.decode([t for t, a in zip(ex["input_ids"], ex["answer_mask"]) if t < V and not a])
+    assert "Toy Story" not in prompt and "Heat" not in prompt
+    assert tok.decode(ex["input_ids"][ex["answer_mask"] == 1]) == " Star Wars\n"  # answers stay titles
+    # The text-only rendering is unaffected by the option.
+    t = b.render([0, 1, 2], [3, 4], target=4, template=0, use_ids=False)
+    assert "Toy Story" in tok.decode(t["input_ids"])

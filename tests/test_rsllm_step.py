@@ -35,7 +35,7 @@ def _batch(builder, n=8, seed=0):
     for _ in range(n):
         items = rng.choice(N, 5, replace=False).tolist()
         recs.append(dict(history=items[:4], target=items[4]))
-    ex = TrainExample({"d": builder}, num_items={"d": N}, num_candidates=6, seed=seed, local_batch_size=n,
+    ex = TrainExample({"d": builder}, num_items={"d": N}, num_candidates=6, seed=seed, batch_size=n,
                       use_ids=True)
     return pad_batch([ex(i, r) for i, r in enumerate(recs)], (128, 256))
 

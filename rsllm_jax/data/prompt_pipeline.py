@@ -1,10 +1,16 @@
 """Grain pipelines that feed the LLM stages: records -> prompts -> padded, bucketed batches.
 
-Training: seeded shuffle (a new permutation every epoch), repeat, per-process slice, then one
-`map_with_index` that draws the 20 candidates (redrawn each epoch: the element index grows across
-epochs), the template (one per batch) and, with the curriculum on, whether the batch uses unified or
-text-only prompts (probability step / total_steps). Everything random is a function of
-(seed, element index), so a resumed iterator replays exactly the batches an uninterrupted run sees.
+Training: seeded shuffle (a new permutation every epoch), repeat, then one `map_with_index` that
+draws the 20 candidates (redrawn each epoch: the element index grows across epochs), the template
+(one per batch) and, with the curriculum on, whether the batch uses unified or text-only prompts
+(probability step / total_steps). Everything random is a function of (seed, global element index),
+so a resumed iterator replays exactly the batches an uninterrupted run sees.
+
+Multi-process: the stream is cut into per-process blocks of global_batch / process_count consecutive
+elements and process p takes blocks p, p + P, ... (mapping is lazy: a process renders only its own
+examples). Global batch k is then exactly the single-process batch k, rows in process order, so a
+run's numbers do not depend on how many hosts read the data. Hosts may pick different length buckets;
+`agree_on_length` pads every host's block to the longest before the global array is assembled.
 """
 from __future__ import annotations
 
@@ -19,10 +25,10 @@ from rsllm_jax.data.prompts import PromptBuilder, pad_batch
 from rsllm_jax.data.splits import sample_candidates
 
 
-def _process_slice(ds, process_index, process_count):
+def _process(process_index, process_count) -> tuple[int, int]:
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    return ds[pi::pc], pc
+    return pi, pc
 
 
 class TrainExample:
@@ -34,10 +40,10 @@ class TrainExample:
     """
 
     def __init__(self, builders: dict[str, PromptBuilder], *, num_items: dict[str, int], num_candidates: int,
-                 seed: int, local_batch_size: int, use_ids: bool, curriculum_steps: int = 0):
+                 seed: int, batch_size: int, use_ids: bool, curriculum_steps: int = 0):
         self.builders, self.num_items, self.num_candidates = builders, num_items, num_candidates
         self.offsets = dict(zip(builders, np.cumsum([0] + [num_items[k] for k in builders])[:-1].tolist()))
-        self.seed, self.local_batch_size = seed, local_batch_size
+        self.seed, self.batch_size = seed, batch_size  # the global batch: index // batch_size = step
         self.use_ids, self.curriculum_steps = use_ids, curriculum_steps
         self.num_templates = min(len(b.templates) for b in builders.values())
 
@@ -53,7 +59,7 @@ class TrainExample:
     def __call__(self, index: int, record: dict) -> dict:
         name = record.get("dataset") or next(iter(self.builders))
         builder = self.builders[name]
-        template, unified = self.batch_choices(index // self.local_batch_size)
+        template, unified = self.batch_choices(index // self.batch_size)
         rng = np.random.default_rng([self.seed, index])
         cands = sample_candidates(rng, record["history"], record["target"], self.num_items[name], self.num_candidates)
         ex = builder.render(record["history"], cands, record["target"], template, unified)
@@ -67,13 +73,14 @@ def train_batches(records: Sequence[dict], example: TrainExample, *, global_batc
                   buckets: Sequence[int], process_index=None, process_count=None, worker_count: int = 0):
     if not records:
         raise ValueError("no training records: the split is empty (check config.data.dataset and its files)")
-    ds = grain.MapDataset.source(list(records)).seed(seed).shuffle().repeat(None)
-    ds, pc = _process_slice(ds, process_index, process_count)
+    pi, pc = _process(process_index, process_count)
     if global_batch_size % pc:
         raise ValueError(f"global batch {global_batch_size} is not divisible by {pc} processes")
-    ds = ds.map_with_index(example).batch(
-        global_batch_size // pc, drop_remainder=True, batch_fn=functools.partial(pad_batch, buckets=buckets)
-    )
+    if example.batch_size != global_batch_size:
+        raise ValueError(f"TrainExample.batch_size {example.batch_size} != global batch {global_batch_size}")
+    ds = grain.MapDataset.source(list(records)).seed(seed).shuffle().repeat(None).map_with_index(example)
+    ds = ds.batch(global_batch_size // pc, drop_remainder=True, batch_fn=functools.partial(pad_batch, buckets=buckets))
+    ds = ds[pi::pc]  # this process's block of every global batch
     it = ds.to_iter_dataset()
     if worker_count:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -95,10 +102,12 @@ class EvalExample:
         return ex
 
 
-def eval_batches(records: Sequence[dict], example: EvalExample, *, global_batch_size: int,
-                 buckets: Sequence[int], process_index=None, process_count=None):
+def eval_batches(records: Sequence[dict], example: EvalExample, *, global_batch_size: int, buckets: Sequence[int]):
     """In order, no repeat; the last batch is filled with copies of row 0 marked valid=0 so every
-    batch has the same static shape. Prompts are left-padded for generation."""
+    batch has the same static shape. Prompts are left-padded for generation.
+
+    Every process reads every evaluation batch (a few hundred prompts): the batch is then the same
+    host array everywhere and `sharding.host_to_global` places each process's rows on its devices."""
     recs = list(records)
     pad = (-len(recs)) % global_batch_size
     ds = grain.MapDataset.source(recs + recs[:1] * pad)
@@ -106,6 +115,4 @@ def eval_batches(records: Sequence[dict], example: EvalExample, *, global_batch_
     if pad:
         n = len(recs)
         ds = ds.map_with_index(lambda i, ex: {**ex, "valid": np.int32(i < n)})
-    ds, pc = _process_slice(ds, process_index, process_count)
-    return ds.batch(global_batch_size // pc, drop_remainder=True,
-                    batch_fn=functools.partial(pad_batch, buckets=buckets, left=True))
+    return ds.batch(global_batch_size, drop_remainder=True, batch_fn=functools.partial(pad_batch, buckets=buckets, left=True))

@@ -66,6 +66,7 @@ class PromptSettings:
     use_marker: bool = False  # put MARKER_TOKEN before each ID slot (ours)
     buckets: tuple[int, ...] = (256, 384, 512, 768, 1024)
     target_len: int = 24  # the second tower's input (target item alone), padded to this
+    use_titles: bool = True  # False = ID slots only in history/candidates (an ablation; answers stay titles)
     chat_template: str = "off"  # on | off | auto (on when the tokenizer has one): wrap as a user turn
 
 
@@ -99,6 +100,8 @@ class PromptBuilder:
     """Turns (history, candidates, target) item ids into token ids + masks. Pure given the tokenizer."""
 
     def __init__(self, tokenizer, titles: Sequence[str], vocab_size: int, settings: PromptSettings):
+        if not settings.use_titles and settings.use_marker:
+            raise ValueError("config.prompts.use_titles=False with use_marker=True: the marker would be the only text")
         if settings.domain not in TEMPLATES:
             raise ValueError(f"prompt domain {settings.domain!r} is not one of {sorted(TEMPLATES)}")
         self.tok = tokenizer
@@ -127,7 +130,11 @@ class PromptBuilder:
         return self._cache[text]
 
     def _item_pieces(self, item: int, use_ids: bool, leading: str) -> tuple[list[int], list[int]]:
-        ids = self.encode_text(leading + self.titles[item])
+        if use_ids and not self.settings.use_titles:  # "..., [IID], [IID]": the ID is all the model sees
+            text = leading.rstrip()
+            ids = self.encode_text(text) if text else []
+        else:
+            ids = self.encode_text(leading + self.titles[item])
         slots = [-1] * len(ids)
         if use_ids:
             if self.settings.use_marker:
@@ -216,3 +223,14 @@ def pad_batch(examples: Sequence[dict], buckets: Sequence[int], left: bool = Fal
                 v = np.concatenate([pad, v] if left else [v, pad])
             out.setdefault(k, []).append(v)
     return {k: np.stack(v) for k, v in out.items()}
+
+
+def repad(batch: dict[str, np.ndarray], length: int, left: bool = False) -> dict[str, np.ndarray]:
+    """Pad a padded batch's sequence fields further to `length` (hosts agreeing on one bucket)."""
+    out = dict(batch)
+    for k, fill in PAD_VALUES.items():
+        if k in batch and batch[k].shape[1] < length:
+            v = batch[k]
+            pad = np.full((v.shape[0], length - v.shape[1]), fill, v.dtype)
+            out[k] = np.concatenate([pad, v] if left else [v, pad], axis=1)
+    return out

@@ -16,12 +16,11 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from rsllm_jax import losses
+from rsllm_jax import losses, sharding
 from rsllm_jax.data.prompt_pipeline import EvalExample, eval_batches
 from rsllm_jax.data.prompts import PromptBuilder
 from rsllm_jax.eval import generation_metrics, ranking
@@ -40,11 +39,17 @@ class Evaluator:
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.template, self.use_ids, self.buckets = template, use_ids, tuple(buckets)
         self.llm = Llama(model.config.llm, dtype=model.dtype, param_dtype=model.param_dtype, lora=model.lora)
-        self.stop_ids = jnp.asarray(stop_token_ids(tokenizer, ("\n",)))
+        self.stop_ids = np.asarray(stop_token_ids(tokenizer, ("\n",)), np.int32)
         # An answer may open with a newline; only a newline after some text ends it.
-        self.leading_ids = jnp.asarray(blank_token_ids(tokenizer))
+        self.leading_ids = np.asarray(blank_token_ids(tokenizer), np.int32)
         self._embed = jax.jit(lambda p, ids, slots: model.apply({"params": p}, ids, slots, method=RSLLM.embed))
-        self._forward = jax.jit(lambda p, ids, mask, slots: model.apply({"params": p}, ids, mask, slots)[1])
+        # L2-normalised mean of the last hidden states over `pool_mask` (the towers' vectors).
+        self._pooled = jax.jit(lambda p, ids, mask, slots, pool_mask: losses.l2_normalize(
+            losses.masked_mean_pool(model.apply({"params": p}, ids, mask, slots)[1], pool_mask)))
+
+    def _global(self, x) -> jax.Array:
+        # Every process holds the whole evaluation batch; each places its rows on its own devices.
+        return sharding.host_to_global(x, self.mesh)
 
     # -- two-tower item side
     def item_vectors(self, params, num_items: int, cache_path: str | None = None) -> np.ndarray:
@@ -57,12 +62,10 @@ class Evaluator:
             items = list(range(start, min(start + bs, num_items)))
             items += [items[0]] * (bs - len(items))  # static batch shape
             rows = [self.builder.render_target(i, self.use_ids) for i in items]
-            ids = np.stack([r["target_input_ids"] for r in rows])
-            mask = np.stack([r["target_attention_mask"] for r in rows])
-            slots = np.stack([r["target_slot_items"] for r in rows])
-            hidden = self._forward(params, ids, mask, slots)
-            v = losses.l2_normalize(losses.masked_mean_pool(hidden, mask))
-            vecs.append(np.asarray(v)[: min(bs, num_items - start)])
+            ids, mask, slots = (self._global(np.stack([r[k] for r in rows])) for k in
+                                ("target_input_ids", "target_attention_mask", "target_slot_items"))
+            v = self._pooled(params, ids, mask, slots, mask)
+            vecs.append(sharding.to_host(v)[: min(bs, num_items - start)])
         out = np.concatenate(vecs).astype(np.float32)
         if cache_path and is_writer():
             tmp = f"{cache_path}.tmp{os.getpid()}.npy"
@@ -82,15 +85,14 @@ class Evaluator:
         n_batches = -(-len(records) // self.batch_size)
         for batch in tqdm(ds, total=n_batches, desc=f"eval {name}", disable=not is_writer(), leave=False):
             valid = batch["valid"].astype(bool)
-            embeds = self._embed(params, batch["input_ids"], batch["slot_items"])
-            tokens, lengths = generate(self.llm, params["llm"], inputs_embeds=embeds,
-                                       attention_mask=jnp.asarray(batch["attention_mask"]),
+            ids, mask, slots = (self._global(batch[k]) for k in ("input_ids", "attention_mask", "slot_items"))
+            embeds = self._embed(params, ids, slots)
+            tokens, lengths = generate(self.llm, params["llm"], inputs_embeds=embeds, attention_mask=mask,
                                        max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                        leading_ids=self.leading_ids)
-            tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+            tokens, lengths = sharding.to_host(tokens), sharding.to_host(lengths)
             if two_tower:
-                hidden = self._forward(params, batch["input_ids"], batch["attention_mask"], batch["slot_items"])
-                v_user = np.asarray(losses.l2_normalize(losses.masked_mean_pool(hidden, batch["history_mask"])))
+                v_user = sharding.to_host(self._pooled(params, ids, mask, slots, self._global(batch["history_mask"])))
             for j in np.flatnonzero(valid):
                 rec = records[int(batch["row"][j])]
                 text = self.tok.decode(tokens[j, : lengths[j]], skip_special_tokens=True)

@@ -30,7 +30,7 @@ from flax import traverse_util
 from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax.data.prompt_pipeline import TrainExample, train_batches
-from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings
+from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings, repad
 from rsllm_jax.data.splits import SplitData, load_split_from_config
 from rsllm_jax.eval.evaluate import Evaluator, params_fingerprint
 from rsllm_jax.models.lora import merge_trees
@@ -53,7 +53,7 @@ def split_for(cfg, dataset: str) -> SplitData:
 def prompt_builder(cfg, tokenizer, split: SplitData, vocab_size: int) -> PromptBuilder:
     settings = PromptSettings(domain=DOMAIN_OF_DATASET.get(split.dataset, "movie"), use_marker=cfg.prompts.use_marker,
                               buckets=tuple(cfg.prompts.buckets), target_len=cfg.prompts.target_len,
-                              chat_template=cfg.prompts.chat_template)
+                              chat_template=cfg.prompts.chat_template, use_titles=cfg.prompts.use_titles)
     return PromptBuilder(tokenizer, split.titles, vocab_size, settings)
 
 
@@ -113,7 +113,13 @@ def _restore_trainable(run_dir: str, keep: str | None = None) -> dict:
         step = mgr.latest_step()
         if step is None:
             continue
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        # Restore onto one local device whatever topology saved it (a pod slice, two processes): the
+        # saved shardings name devices this process may not have.
+        meta = ocp.StandardCheckpointer().metadata(os.path.join(path, str(step), "state"))
+        meta = getattr(meta, "item_metadata", meta)
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), getattr(meta, "tree", meta))
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         mgr.close()
         flat = traverse_util.flatten_dict(restored["state"]["trainable"], sep="/")
         if keep:
@@ -167,7 +173,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
 
     example = TrainExample(
         builders, num_items={n: sp.num_items for n, sp in splits.items()}, num_candidates=cfg.data.num_candidates,
-        seed=cfg.seed, local_batch_size=bs // jax.process_count(), use_ids=use_ids,
+        seed=cfg.seed, batch_size=bs, use_ids=use_ids,
         curriculum_steps=total_steps if (cfg.train.curriculum and use_ids) else 0,
     )
     data_iter = iter(train_batches(records, example, global_batch_size=bs, seed=cfg.seed,
@@ -179,7 +185,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
     state = step_lib.create_state(trainable, frozen, tx)
     repl = sharding.replicated(mesh)
     state_sh = step_lib.TrainState(step=repl, trainable=trainable_sh, frozen=frozen_sh,
-                                   opt_state=jax.tree.map(lambda _: repl, state.opt_state))
+                                   opt_state=step_lib.opt_state_shardings(tx, trainable, mesh))
     with jax.set_mesh(mesh):
         state = jax.device_put(state, state_sh)
     batch_sh = None  # set from the first batch's keys (bucketed lengths differ, shardings do not)
@@ -212,7 +218,10 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
             if step_fn is None:
                 batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in host_batch.items()}
                 step_fn = step_lib.jit_train_step(loss_fn, tx, accum, state_sh, batch_sh, repl)
-            tokens_since += int(host_batch["attention_mask"].sum() + host_batch["target_attention_mask"].sum())
+            # Hosts may have padded their blocks to different buckets: agree on the longest.
+            host_batch = repad(host_batch, sharding.max_across_processes(host_batch["input_ids"].shape[1]))
+            tokens_since += jax.process_count() * int(host_batch["attention_mask"].sum()
+                                                      + host_batch["target_attention_mask"].sum())
             batch = sharding.global_batch(host_batch, mesh)
             state, metrics = step_fn(state, batch, rng)
             done = step + 1

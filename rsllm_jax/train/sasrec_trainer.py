@@ -24,7 +24,7 @@ from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax.data import pipeline, sasrec_batches
 from rsllm_jax.data.splits import SplitData, load_split_from_config
 from rsllm_jax.eval import ranking
-from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table
+from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table, set_item_tables
 from rsllm_jax.train.sasrec_step import eval_scores, train_step
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
 
@@ -50,13 +50,18 @@ def evaluate(model, params, records, cfg, mesh, eval_fn) -> dict:
     }
 
 
-def train_sasrec(cfg, workdir: str, split: SplitData | None = None) -> dict:
+def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init: np.ndarray | None = None,
+                 side_table: np.ndarray | None = None, side_proj: bool = False) -> dict:
+    """`item_init` [num_items, hidden] initialises the item rows; `side_table` [num_items, d] is a frozen
+    table added to every item vector (through a trained Dense when `side_proj`). Both are optional
+    (P2Rec's augmentation); without them this is plain stage 0."""
     t_start = time.time()
     split = split or load_split_from_config(cfg.data)
     logging.info("dataset %s: %d items, %d train / %d val / %d test samples", split.dataset, split.num_items,
                  len(split.train), len(split.val), len(split.test))
     mcfg = SASRecConfig(num_items=split.num_items, max_len=cfg.data.max_history, hidden=cfg.sasrec.hidden,
-                        num_blocks=cfg.sasrec.num_blocks, num_heads=cfg.sasrec.num_heads, dropout=cfg.sasrec.dropout)
+                        num_blocks=cfg.sasrec.num_blocks, num_heads=cfg.sasrec.num_heads, dropout=cfg.sasrec.dropout,
+                        side_dim=0 if side_table is None else int(side_table.shape[1]), side_proj=side_proj)
     model = SASRec(mcfg)
     mesh = sharding.make_mesh(cfg.mesh)
     repl = sharding.replicated(mesh)
@@ -67,9 +72,15 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None) -> dict:
     total_steps = steps_per_epoch * cfg.sasrec.epochs
 
     tx = optax.adamw(cfg.sasrec.lr, b1=0.9, b2=0.98, weight_decay=cfg.sasrec.weight_decay)
+    if side_table is not None:
+        # The side table is data: no updates (not even weight decay) and no optimizer state.
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                   lambda p: {k: "frozen" if k == "side_table" else "train" for k in p})
 
     def init_state(rng):
         params = model.init(rng, jnp.full((1, mcfg.max_len), mcfg.pad_id, jnp.int32))["params"]
+        if item_init is not None or side_table is not None:
+            params = set_item_tables(params, item_init, side_table)
         return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     rng = jax.random.key(cfg.seed)

@@ -35,6 +35,14 @@ def create_state(trainable, frozen, tx: optax.GradientTransformation) -> TrainSt
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=tx.init(trainable))
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, trainable, mesh):
+    """Optimizer-state shardings that follow the parameters they track (Adam's mu/nu are sharded like
+    their parameter, counters replicated): read from the compiled `tx.init`, so any optax chain works.
+    `trainable` may hold arrays or ShapeDtypeStructs carrying shardings."""
+    with jax.set_mesh(mesh):
+        return jax.jit(tx.init).lower(trainable).compile().output_shardings
+
+
 def split_micro_batches(batch, accum_steps: int):
     """[B, ...] -> [accum_steps, B // accum_steps, ...] (the scan axis first)."""
     def split(x):

@@ -1,0 +1,61 @@
+"""The stage-2 model both LLM sections run: the project's real config + build path on a 1-device mesh."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import flax.linen as nn
+import jax
+
+from benchmarks import torch_reference, workload
+from configs import stage2
+from rsllm_jax import sharding
+from rsllm_jax.checkpoint.loader import load_llm
+from rsllm_jax.train.rsllm_setup import Built, build_rsllm
+
+
+def load(model: str, scan_layers: bool):
+    """(config, params, tokenizer=None) for 'smollm2', a .gguf or an HF checkpoint dir. The synthetic
+    batches need no tokenizer, so a tiny test checkpoint without one works too."""
+    return load_llm(model, with_tokenizer=False, scan_layers=scan_layers)
+
+
+def stage2_config(scan_layers: bool, target_len: int):
+    """configs/stage2.py with what a benchmark must pin: one device, one micro-batch, dropout off (so the
+    two frameworks' first-step losses are comparable). LoRA rank/alpha/targets, loss weights,
+    temperature and the optimizer stay the spec's."""
+    cfg = stage2.get_config()
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
+    cfg.llm.scan_layers = scan_layers
+    cfg.lora.dropout = 0.0
+    cfg.train.grad_accum_steps = 1
+    cfg.prompts.target_len = target_len
+    return cfg
+
+
+@dataclasses.dataclass
+class Setup:
+    cfg: object
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    built: Built
+    torch_model: torch_reference.TorchRSLLM
+
+    @contextlib.contextmanager
+    def context(self):
+        """What every trainer wraps its steps in: the mesh and the logical-axis rules."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+
+def build(llm, *, scan_layers: bool, target_len: int) -> Setup:
+    """A fresh RSLLM (loaded LLaMA + newly initialised LoRA/projector/added rows, synthetic SASRec
+    table) and its PyTorch twin holding the same numbers. Fresh per section: the JAX train step
+    donates its state, and training moves the torch weights."""
+    cfg = stage2_config(scan_layers, target_len)
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])  # one device: comparable with single-process torch
+    rules = sharding.rules_from_config(cfg.mesh.rules)
+    table = workload.rec_table()
+    built = build_rsllm(cfg, mesh, num_items=table.shape[0], rec_table=table, llm=llm)
+    torch_model = torch_reference.from_jax(built.params, llm[0], built.model.lora)
+    return Setup(cfg, mesh, rules, built, torch_model)

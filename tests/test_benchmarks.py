@@ -1,0 +1,77 @@
+"""Smoke test of `python -m benchmarks.run`: every section end to end on a tiny random LLaMA.
+
+Runs in a subprocess (the benchmark owns its absl flags and torch's thread count), with tiny shapes:
+a 2-layer, 32-wide LLaMA saved as a Hugging Face checkpoint, 2 x 32 tokens, one timed repeat,
+synthetic SASRec windows and a 128 x 128 matmul. Checks structure and numerics, never speed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from tiny_llm import tiny_llm
+
+from rsllm_jax.checkpoint.hf import save_hf
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+THROUGHPUT = dict(train="tokens_per_s", decode="tokens_per_s", sasrec="samples_per_s")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    config, params, _ = tiny_llm()
+    ckpt = save_hf(params, config, tmp / "tiny_llama")
+    out = tmp / "out"
+    cmd = [sys.executable, "-m", "benchmarks.run", f"--out={out}", f"--model={ckpt}", "--batch=2", "--seq_len=32",
+           "--target_len=8", "--repeats=1", "--warmup=0", "--new_tokens=4", "--prompt_len=16", "--torch_threads=1",
+           "--sasrec_data=synthetic", "--sasrec_samples=256", "--sasrec_batch=64", "--matmul_sizes=128",
+           "--matmul_repeats=1"]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| train (step) | jax |" in proc.stdout  # the table is printed
+    assert (out / "bench.md").read_text().startswith("| workload |")
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_every_section_has_finite_positive_numbers(results):
+    for section, key in THROUGHPUT.items():
+        for impl in ("jax", "torch"):
+            r = results[section][impl]
+            for k in ("median_s", "min_s", "max_s", key, "model_gflops_per_s", "mfu_vs_own_peak", "mfu_vs_machine_peak"):
+                assert _positive(r[k]), (section, impl, k, r.get(k))
+        assert _positive(results[section]["jax"]["compile_s"]), section
+        assert _positive(results[section]["speedup"]), section
+    peaks = results["matmul"]["peak_gflops"]
+    assert all(_positive(peaks[k]) for k in ("jax", "torch", "machine"))
+    assert _positive(results["train"]["model_flops_per_step"])
+    assert all(_positive(v) for v in results["train"]["counts"].values())
+    assert set(results["flops"]) >= {"N", "train_step", "decode", "sasrec_step", "mfu"}
+
+
+def test_first_step_losses_agree_between_jax_and_torch(results):
+    losses = results["train"]["losses"]
+    assert losses["agree"], losses
+    for k in ("loss", "nip", "l_ut", "l_tt"):
+        assert _positive(losses[k]["jax"]) and abs(losses[k]["jax"] - losses[k]["torch"]) < 1e-3, (k, losses[k])
+    assert losses["grad_norm"]["ok"], losses["grad_norm"]
+
+
+def test_targets_are_reported(results):
+    assert set(results["targets"]) == {"train_step_speedup_vs_torch>=1.5", "train_step_mfu>=0.5_of_machine_matmul_peak",
+                                       "decode_speedup_vs_transformers>=2"}
+    assert all(isinstance(v["met"], bool) for v in results["targets"].values())
+    assert results["decode"]["shape"]["new_tokens"] == 4
+    assert results["sasrec"]["data"] == "synthetic" and results["sasrec"]["steps_per_epoch"] == 4

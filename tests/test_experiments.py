@@ -34,7 +34,7 @@ def test_dry_run_commands_overrides_and_dependencies(tmp_path, capsys):
     # Every row for both seeds, except the deterministic zero-shot evaluation (once).
     assert set(runs) == {f"{r.name}-s{s}" for r in ex.ROWS for s in (0, 1)} - {"zero_shot-s1"}
 
-    for key, run in runs.items():
+    for run in runs.values():
         assert run.command[1:3] == ["-m", "rsllm_jax.main"]
         f = _flags(run.command)
         assert f["--workdir"] == run.workdir == wd(run.row.name, run.seed)
@@ -115,6 +115,41 @@ def test_rows_selection_lr_and_reused_sasrec(tmp_path):
         ex.parse_args(["--dataset=movielens", "--rows=rsllm,nope"])
     with pytest.raises(SystemExit):
         ex.parse_args(["--dataset=movielens", "--", "config.seed=1"])
+
+
+def test_planned_commands_parse_against_the_real_configs():
+    """Every override names an existing field of the real configs (they are locked) and yields the value meant."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    opts = ex.parse_args(["--dataset=lastfm", "--root=r", "--seeds=1"])
+    cfgs = {}
+    for run in ex.plan_runs(opts):
+        argv = ["main", *run.command[3:]]
+        fv = flags.FlagValues()
+        flags.DEFINE_string("workdir", None, "", flag_values=fv)
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+        fv(argv)
+        cfgs[run.row.name] = fv.config
+    for name, c in cfgs.items():
+        assert c.stage == ex.ROW_BY_NAME[name].kind and c.data.dataset == "lastfm" and c.seed == 1
+        assert c.data.split_seed == 0
+        if ex.ROW_BY_NAME[name].trains_llm:
+            assert c.optim.lr == 7e-4
+        if c.stage == "stage2":
+            assert c.stage2.sasrec_dir == "r/lastfm/sasrec-s1" and c.stage2.build_missing is False
+    assert cfgs["text_ft"].stage1.datasets == ("lastfm",) and cfgs["text_ft"].prompts.use_ids is False
+    z = cfgs["zero_shot"]
+    assert (z.checkpoint, z.checkpoint_stage) == ("", "stage1")
+    assert (z.prompts.use_ids, z.prompts.chat_template) == (False, "auto")
+    ll = cfgs["llara_like"]
+    assert (ll.loss.weight_tt, ll.loss.weight_ut, ll.train.curriculum, ll.stage2.stage1_dir) == (0, 0, True, "none")
+    assert (cfgs["rsllm"].loss.weight_tt, cfgs["rsllm"].loss.weight_ut) == (0.1, 0.1)
+    assert cfgs["rsllm"].stage2.stage1_dir == "r/lastfm/text_ft-s1" and not cfgs["rsllm"].train.curriculum
+    assert cfgs["no_ut"].loss.weight_ut == 0 and cfgs["no_ut"].loss.weight_tt == 0.1
+    assert cfgs["no_tt"].loss.weight_tt == 0 and cfgs["no_tt"].loss.weight_ut == 0.1
+    assert cfgs["no_stage1"].stage2.stage1_dir == "none"
+    assert cfgs["id_only"].prompts.use_titles is False and cfgs["id_only"].prompts.use_ids is True
 
 
 def test_tuple_override_syntax_gives_a_one_element_tuple():

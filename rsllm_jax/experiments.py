@@ -1,0 +1,699 @@
+"""Run every row of one dataset's results table, resumably, then collect the tables.
+
+    python -m rsllm_jax.experiments --dataset=movielens --root=runs/exp [--seeds=0,1,2] [--rows=rsllm,no_ut]
+        [--dry_run] [--collect_only] [--sasrec_dir=runs/sasrec-movielens] [--lr=8e-4]
+        [--row_flag=text_ft:--config.train.max_train_samples=384 ...]
+        [-- --config.train.max_train_samples=0 --config.llm.model=/path/to/hf_dir ...]
+
+Each (row, seed) is one subprocess `python -m rsllm_jax.main --config=... --workdir=<root>/<dataset>/<row>-s<seed>`
+whose output is tee'd to <workdir>/run.log. A run whose workdir already holds its final result
+(results.json with test metrics; metrics_test.json for the evaluation-only row) is skipped, so a killed
+driver started again with the same arguments resumes (and a killed training run resumes from its own
+checkpoint). Stage 0 (the `sasrec` row) and stage 1 (the `text_ft` row) are run once per seed and reused:
+every LLM stage-2 row reads `sasrec`'s workdir as config.stage2.sasrec_dir (build_missing=False), and the
+rows that continue from stage 1 read `text_ft`'s workdir as config.stage2.stage1_dir. `--rows` adds the
+rows a selected row depends on.
+
+Rows (see ROWS): sasrec, zero_shot, text_ft, llara_like, rsllm and the ablations no_ut, no_tt, no_stage1,
+id_only. Flag precedence in each command, lowest first: the per-dataset learning rate (LLaRA's: 8e-4
+MovieLens, 7e-4 LastFM, 5e-4 Steam; --lr overrides) < the flags after `--` (every LLM row; the
+`--config.data.*` ones also reach stage 0, whose item ids must match) < what defines the row (its loss
+weights, prompts, stages, dataset, seed, dependency dirs) < --row_flag. An extra flag that a row's
+definition overrides is dropped for that row with a warning. data.split_seed is never touched, so the
+val/test rows and their candidates are LLaRA's for every seed.
+
+After the runs: <results_dir>/<dataset>.json (every run: test metrics, training samples, steps, wall time,
+the exact command, seed; git revision and dirty flag, date, host) and <results_dir>/<dataset>.md (mean ±
+sample std over seeds per row; unfinished runs listed with the reason). `--collect_only` rebuilds both from
+the workdirs without running anything. Each run's training curves go to <workdir>/curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+LLARA_LR = {"movielens": 8e-4, "lastfm": 7e-4, "steam": 5e-4}
+CONFIG_KINDS = ("sasrec", "stage1", "stage2", "eval")
+# Which override points a dependency's workdir at the row that needs it.
+DEPENDENCY_FLAG = {"sasrec": "stage2.sasrec_dir", "text_ft": "stage2.stage1_dir"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    kind: str  # the config it runs: sasrec | stage1 | stage2 | eval
+    description: str
+    overrides: tuple[tuple[str, str], ...] = ()  # config fields (no "config." prefix) -> value
+    needs: tuple[str, ...] = ()  # rows whose workdirs it reads (keys of DEPENDENCY_FLAG)
+    seeded: bool = True  # False: deterministic (no training); run once, for the first seed
+
+    @property
+    def trains_llm(self) -> bool:
+        return self.kind in ("stage1", "stage2")
+
+
+_STAGE2 = (("stage2.build_missing", "False"),)
+ROWS = (
+    Row("sasrec", "sasrec", "SASRec (stage 0), candidates ranked by logits"),
+    Row("zero_shot", "eval", "untrained LLM, text-only prompt",
+        (("checkpoint", ""), ("checkpoint_stage", "stage1"), ("prompts.use_ids", "False"),
+         ("prompts.chat_template", "auto"), ("eval.split", "test")), seeded=False),
+    Row("text_ft", "stage1", "stage 1 only: text-only LoRA fine-tune on this dataset",
+        (("prompts.use_ids", "False"),)),
+    Row("llara_like", "stage2", "LLaRA-like: unified prompts, NIP only, curriculum, no stage 1",
+        _STAGE2 + (("stage2.stage1_dir", "none"), ("loss.weight_tt", "0"), ("loss.weight_ut", "0"),
+                   ("train.curriculum", "True")), needs=("sasrec",)),
+    Row("rsllm", "stage2", "RSLLM: stage 1 -> stage 2, NIP + L_TT + L_UT", _STAGE2, needs=("sasrec", "text_ft")),
+    Row("no_ut", "stage2", "RSLLM without L_UT", _STAGE2 + (("loss.weight_ut", "0"),), needs=("sasrec", "text_ft")),
+    Row("no_tt", "stage2", "RSLLM without L_TT", _STAGE2 + (("loss.weight_tt", "0"),), needs=("sasrec", "text_ft")),
+    Row("no_stage1", "stage2", "RSLLM without stage 1", _STAGE2 + (("stage2.stage1_dir", "none"),),
+        needs=("sasrec",)),
+    Row("id_only", "stage2", "RSLLM with ID slots only (no titles in the prompt)",
+        _STAGE2 + (("prompts.use_titles", "False"),), needs=("sasrec", "text_ft")),
+)
+ROW_BY_NAME = {r.name: r for r in ROWS}
+
+# Table columns: (key in a run's "metrics", header).
+METRIC_COLUMNS = (
+    ("valid_ratio", "ValidRatio"),
+    ("hit_ratio_at_1", "HitRatio@1"),
+    ("accuracy", "accuracy"),
+    ("two_tower_hr1", "2T HR@1"),
+    ("hr10", "HR@10"),
+    ("ndcg10", "NDCG@10"),
+)
+
+
+@dataclasses.dataclass
+class Run:
+    row: Row
+    seed: int
+    workdir: str
+    command: list[str]
+    deps: list[str]  # keys of the runs it needs
+    reused: bool = False  # an existing run dir (--sasrec_dir): never run here
+    dropped: list[str] = dataclasses.field(default_factory=list)  # extra flags the row's definition overrode
+
+    @property
+    def key(self) -> str:
+        return f"{self.row.name}-s{self.seed}"
+
+
+# ---------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rsllm_jax.experiments", allow_abbrev=False,
+        description="Run every row of one dataset's results table (resumable), then write the tables. "
+                    "Flags after `--` go to every LLM row.")
+    p.add_argument("--dataset", required=True, help="movielens | lastfm | steam | custom")
+    p.add_argument("--root", default="runs/exp", help="workdirs go to ROOT/DATASET/ROW-sSEED")
+    p.add_argument("--seeds", default="0", help="comma list of config.seed values, e.g. 0,1,2")
+    p.add_argument("--rows", default="", help=f"comma list (default all): {','.join(ROW_BY_NAME)}; "
+                                              "the rows they depend on are added")
+    p.add_argument("--dry_run", action="store_true", help="print the commands (and what is finished), run nothing")
+    p.add_argument("--collect_only", action="store_true", help="only rebuild the results tables from the workdirs")
+    p.add_argument("--results_dir", default="results", help="where DATASET.json and DATASET.md go")
+    p.add_argument("--sasrec_dir", default="", help="reuse this finished stage-0 run for every seed instead of "
+                                                    "running the sasrec row")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak LR of every LLM training row (default LLaRA's per dataset: "
+                        + ", ".join(f"{k} {v:g}" for k, v in LLARA_LR.items()) + ")")
+    p.add_argument("--config_dir", default="", help="directory holding sasrec.py, stage1.py, stage2.py, eval.py "
+                                                    "(default: the repo's configs/)")
+    p.add_argument("--configs", default="",
+                   help="per-stage config overrides KIND=PATH[:ARG],... (KIND in sasrec, stage1, stage2, eval), "
+                        "or 'tiny' for configs/tiny.py and its :stage1/:stage2/:eval variants")
+    p.add_argument("--row_flag", action="append", default=[], metavar="ROW:--config.a.b=v",
+                   help="a flag for one row only (repeatable); wins over everything else")
+    p.add_argument("--quiet", action="store_true", help="do not echo the runs' output (run.log still gets it)")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    argv = list(argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    for flag in extra:
+        if not flag.startswith("--"):
+            parser.error(f"extra flag {flag!r} after `--` must look like --config.a.b=value")
+    opts.extra = extra
+    opts.seed_list = [int(s) for s in opts.seeds.split(",") if s.strip()]
+    if not opts.seed_list:
+        parser.error("--seeds is empty")
+    wanted = [r for r in opts.rows.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in ROW_BY_NAME]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; rows: {', '.join(ROW_BY_NAME)}")
+    opts.row_list = select_rows(wanted)
+    opts.row_flags = {}
+    for spec in opts.row_flag:
+        name, sep, flag = spec.partition(":")
+        if not sep or name not in ROW_BY_NAME or not flag.startswith("--"):
+            parser.error(f"--row_flag={spec!r}: expected ROW:--config.a.b=value with ROW in {', '.join(ROW_BY_NAME)}")
+        opts.row_flags.setdefault(name, []).append(flag)
+    try:
+        opts.config_paths = config_paths(opts.config_dir, opts.configs)
+    except ValueError as e:
+        parser.error(str(e))
+    return opts
+
+
+def select_rows(wanted: list[str]) -> list[Row]:
+    """The selected rows plus everything they depend on, in table order (dependencies first)."""
+    if not wanted:
+        return list(ROWS)
+    keep = set(wanted)
+    for name in wanted:
+        keep.update(ROW_BY_NAME[name].needs)
+    return [r for r in ROWS if r.name in keep]
+
+
+def _default_config_dir() -> str:
+    d = REPO / "configs"
+    rel = os.path.relpath(d)
+    return rel if not rel.startswith("..") else str(d)
+
+
+def config_paths(config_dir: str, spec: str) -> dict[str, str]:
+    d = config_dir or _default_config_dir()
+    paths = {k: os.path.join(d, f"{k}.py") for k in CONFIG_KINDS}
+    if spec == "tiny":
+        tiny = os.path.join(d, "tiny.py")
+        paths = {"sasrec": tiny, **{k: f"{tiny}:{k}" for k in ("stage1", "stage2", "eval")}}
+        spec = ""
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, sep, path = item.partition("=")
+        if not sep or kind not in CONFIG_KINDS:
+            raise ValueError(f"--configs: {item!r} is not KIND=PATH with KIND in {CONFIG_KINDS}")
+        paths[kind] = path
+    for kind, path in paths.items():
+        if not os.path.isfile(path.split(":", 1)[0]):
+            raise ValueError(f"config for {kind} not found: {path}")
+    return paths
+
+
+# ---------------------------------------------------------------- the plan
+def _flag_key(flag: str) -> str:
+    """'--config.a.b=v' -> '--config.a.b' (and '--noconfig.a.b' -> '--config.a.b')."""
+    key = flag.split("=", 1)[0]
+    if key.startswith("--no") and "=" not in flag and key[4:].startswith("config."):
+        key = "--" + key[4:]
+    return key
+
+
+def _merge(*layers: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Flags of later layers replace earlier ones with the same key (tuple-valued config fields would
+    otherwise concatenate repeated flags). Returns the flags and, per replaced key, the old flag."""
+    out: dict[str, str] = {}
+    replaced: dict[str, str] = {}
+    for layer in layers:
+        for flag in layer:
+            key = _flag_key(flag)
+            if key in out:
+                if out[key] != flag:
+                    replaced[key] = out[key]
+                del out[key]  # the flag moves to the layer that set it last
+            out[key] = flag
+    return list(out.values()), replaced
+
+
+def _cfg(field: str, value) -> str:
+    return f"--config.{field}={value}"
+
+
+def row_workdir(opts, row: Row, seed: int) -> str:
+    if row.name == "sasrec" and opts.sasrec_dir:
+        return opts.sasrec_dir
+    return os.path.join(opts.root, opts.dataset, f"{row.name}-s{seed}")
+
+
+def plan_runs(opts) -> list[Run]:
+    """Every (row, seed) run in execution order: seed by seed, rows in table order (dependencies first)."""
+    lr = opts.lr if opts.lr is not None else LLARA_LR.get(opts.dataset)
+    runs: list[Run] = []
+    for i, seed in enumerate(opts.seed_list):
+        for row in opts.row_list:
+            if (not row.seeded and i > 0) or (row.name == "sasrec" and opts.sasrec_dir and i > 0):
+                continue
+            runs.append(_plan_one(opts, row, seed, lr))
+    return runs
+
+
+def _seed_of(opts, row_name: str, seed: int) -> int:
+    row = ROW_BY_NAME[row_name]
+    if not row.seeded or (row_name == "sasrec" and opts.sasrec_dir):
+        return opts.seed_list[0]
+    return seed
+
+
+def _plan_one(opts, row: Row, seed: int, lr) -> Run:
+    workdir = row_workdir(opts, row, seed)
+    if row.kind == "sasrec":
+        # Stage 0 takes only the data flags of the extras: its item ids must match the LLM rows'.
+        common = [f for f in opts.extra if _flag_key(f).startswith("--config.data.")]
+    else:
+        common = ([_cfg("optim.lr", lr)] if lr is not None and row.trains_llm else []) + list(opts.extra)
+    defining = [_cfg("data.dataset", opts.dataset), _cfg("seed", seed)]
+    if row.kind == "stage1":
+        defining.append(_cfg("stage1.datasets", f'("{opts.dataset}",)'))  # a one-element tuple
+    defining += [_cfg(k, v) for k, v in row.overrides]
+    deps = []
+    for dep in row.needs:
+        dep_seed = _seed_of(opts, dep, seed)
+        defining.append(_cfg(DEPENDENCY_FLAG[dep], row_workdir(opts, ROW_BY_NAME[dep], dep_seed)))
+        deps.append(f"{dep}-s{dep_seed}")
+    flags, replaced = _merge(common, defining, opts.row_flags.get(row.name, []))
+    dropped = [old for key, old in replaced.items() if old in opts.extra]
+    cmd = [sys.executable, "-m", "rsllm_jax.main", f"--config={opts.config_paths[row.kind]}",
+           f"--workdir={workdir}", *flags]
+    return Run(row, seed, workdir, cmd, deps, reused=row.name == "sasrec" and bool(opts.sasrec_dir), dropped=dropped)
+
+
+# ---------------------------------------------------------------- state of a workdir
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def result_file(row: Row) -> str:
+    return "metrics_test.json" if row.kind == "eval" else "results.json"
+
+
+def finished_result(row: Row, workdir: str) -> dict | None:
+    """The run's final result, or None when it has not finished."""
+    data = _read_json(os.path.join(workdir, result_file(row)))
+    if not isinstance(data, dict):
+        return None
+    if row.kind != "eval" and not isinstance(data.get("test"), dict):
+        return None
+    return data
+
+
+def _record_path(workdir: str) -> str:
+    return os.path.join(workdir, "experiment.json")
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Whole-file write via rename: a reader (or a killed driver) never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- running
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def execute(run: Run, quiet: bool = False) -> int:
+    """Run one command, its stdout+stderr tee'd to <workdir>/run.log; attempts recorded in experiment.json."""
+    os.makedirs(run.workdir, exist_ok=True)
+    record = _read_json(_record_path(run.workdir)) or {}
+    attempts = record.get("attempts", [])
+    attempt = dict(started=_now(), command=run.command, returncode=None)
+    attempts.append(attempt)
+    record.update(row=run.row.name, seed=run.seed, command=run.command, cwd=os.getcwd(), attempts=attempts)
+    write_json_atomic(_record_path(run.workdir), record)
+    t0 = time.time()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(os.path.join(run.workdir, "run.log"), "ab") as log:
+        log.write(f"\n===== {attempt['started']} {shlex.join(run.command)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(run.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env())
+        try:
+            fd = proc.stdout.fileno()
+            while chunk := os.read(fd, 65536):
+                log.write(chunk)
+                log.flush()
+                if not quiet:
+                    sys.stdout.write(decoder.decode(chunk))
+                    sys.stdout.flush()
+            rc = proc.wait()
+        except BaseException:
+            # The driver was interrupted: stop the run too (it resumes from its checkpoint next time).
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            attempt.update(finished=_now(), returncode="interrupted", wall_time_s=round(time.time() - t0, 1))
+            write_json_atomic(_record_path(run.workdir), record)
+            raise
+        finally:
+            proc.stdout.close()
+        log.write(f"===== exit {rc} after {time.time() - t0:.1f} s\n".encode())
+    attempt.update(finished=_now(), returncode=rc, wall_time_s=round(time.time() - t0, 1))
+    write_json_atomic(_record_path(run.workdir), record)
+    return rc
+
+
+def plot_curves(run: Run, dataset: str) -> str | None:
+    """<workdir>/curves.png from metrics.jsonl (redrawn when the metrics are newer); None if nothing to plot."""
+    metrics = os.path.join(run.workdir, "metrics.jsonl")
+    out = os.path.join(run.workdir, "curves.png")
+    if not os.path.exists(metrics):
+        return None
+    if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(metrics):
+        return out
+    try:
+        # Imported here: rsllm_jax.plot defines absl flags at import, which the driver does not need.
+        from rsllm_jax.plot import plot, read_metrics
+
+        series = read_metrics(metrics)
+        if not series:
+            return None
+        return plot(series, out, f"{dataset} {run.key}")
+    except Exception as e:  # a plot must never cost the results
+        print(f"[experiments] could not plot {metrics}: {e!r}", file=sys.stderr)
+        return None
+
+
+def _log(msg: str) -> None:
+    print(f"[experiments] {msg}", flush=True)
+
+
+def run_all(opts, runs: list[Run]) -> dict[str, str]:
+    """Runs what is not finished; returns key -> why it is not finished (absent = finished)."""
+    problems: dict[str, str] = {}
+    for run in runs:
+        done = finished_result(run.row, run.workdir)
+        if done is not None and run.reused and done.get("dataset") not in (None, opts.dataset):
+            problems[run.key] = f"--sasrec_dir={run.workdir} is a {done.get('dataset')} run, not {opts.dataset}"
+            _log(f"{run.key}: {problems[run.key]}")
+            continue
+        if done is not None:
+            _log(f"{run.key}: finished, skipping ({run.workdir})")
+            _warn_if_changed(run)
+            continue
+        if run.reused:
+            problems[run.key] = f"--sasrec_dir={run.workdir} holds no finished results.json"
+            _log(f"{run.key}: {problems[run.key]}")
+            continue
+        missing = [d for d in run.deps if d in problems]
+        if missing:
+            problems[run.key] = f"not run: needs {', '.join(missing)}, which did not finish"
+            _log(f"{run.key}: {problems[run.key]}")
+            continue
+        for old in run.dropped:
+            _log(f"{run.key}: warning: the row's definition overrides the extra flag {old}")
+        _log(f"{run.key}: running {shlex.join(run.command)}")
+        rc = execute(run, quiet=opts.quiet)
+        if rc != 0:
+            problems[run.key] = f"failed (exit {rc}); see {os.path.join(run.workdir, 'run.log')}"
+        elif finished_result(run.row, run.workdir) is None:
+            problems[run.key] = f"exited 0 without {result_file(run.row)} (interrupted?)"
+        else:
+            plot_curves(run, opts.dataset)
+            continue
+        _log(f"{run.key}: {problems[run.key]}")
+    return problems
+
+
+def _warn_if_changed(run: Run) -> None:
+    record = _read_json(_record_path(run.workdir))
+    if record and record.get("command") and record["command"][1:] != run.command[1:]:
+        _log(f"{run.key}: warning: finished with a different command than planned now (kept; delete "
+             f"{run.workdir} to rerun):\n  was: {shlex.join(record['command'])}\n  now: {shlex.join(run.command)}")
+
+
+# ---------------------------------------------------------------- collecting
+def _max_step(workdir: str) -> int | None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    best = None
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    step = json.loads(line).get("step")
+                except ValueError:
+                    continue
+                if isinstance(step, (int, float)):
+                    best = int(step) if best is None else max(best, int(step))
+    except OSError:
+        return None
+    return best
+
+
+def extract(row: Row, workdir: str, result: dict) -> dict:
+    """One finished run's numbers in the table's terms (None where a metric does not apply)."""
+    if row.kind == "sasrec":
+        t = result["test"]
+        # Ranking by logits always names exactly one candidate: HitRatio@1 = accuracy = HR@1 (20 cand.).
+        metrics = dict(valid_ratio=None, hit_ratio_at_1=t.get("hr1_cand"), accuracy=t.get("hr1_cand"),
+                       two_tower_hr1=None, hr10=t.get("hr10"), ndcg10=t.get("ndcg10"), n=t.get("n"))
+        val = {"hr1_cand": result.get("val", {}).get("hr1_cand")}
+        return dict(metrics=metrics, val=val, train_samples=result.get("train_samples"), steps=_max_step(workdir),
+                    best_step=result.get("best_step"), wall_time_s=result.get("wall_time_s"))
+    t = result if row.kind == "eval" else result["test"]
+    metrics = dict(valid_ratio=t.get("valid_ratio"), hit_ratio_at_1=t.get("hit_ratio_at_1"),
+                   accuracy=t.get("accuracy"), two_tower_hr1=t.get("two_tower_hr1"),
+                   hr10=t.get("two_tower_hr10"), ndcg10=t.get("two_tower_ndcg10"), n=t.get("n"))
+    if row.kind == "eval":
+        return dict(metrics=metrics, val=None, train_samples=0, steps=0, best_step=None,
+                    wall_time_s=result.get("wall_time_s"))
+    v = result.get("val") or {}
+    val = {k: v.get(k) for k in ("valid_ratio", "hit_ratio_at_1", "accuracy") if k in v}
+    return dict(metrics=metrics, val=val, train_samples=result.get("train_samples"), steps=result.get("steps"),
+                best_step=result.get("best_step"), wall_time_s=result.get("wall_time_s"))
+
+
+def _why_unfinished(run: Run, problems: dict[str, str]) -> str:
+    if run.key in problems:
+        return problems[run.key]
+    record = _read_json(_record_path(run.workdir))
+    if record and record.get("attempts"):
+        last = record["attempts"][-1]
+        rc = last.get("returncode")
+        if rc is None:
+            return "started, no result yet (still running, or the driver was killed)"
+        if rc == "interrupted":
+            return "interrupted; run the driver again to resume"
+        return f"failed (exit {rc}); see {os.path.join(run.workdir, 'run.log')}"
+    if os.path.isdir(run.workdir):
+        return "no result in the workdir (started outside the driver, or unfinished)"
+    return "not run yet"
+
+
+def _git() -> dict:
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    rev = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return dict(revision=rev, dirty=None if status is None else bool(status))
+
+
+def collect(opts, runs: list[Run], problems: dict[str, str] | None = None) -> dict:
+    """results/<dataset>.json and .md from the workdirs; returns the JSON object."""
+    problems = problems or {}
+    entries = []
+    for run in runs:
+        record = _read_json(_record_path(run.workdir)) or {}
+        entry = dict(row=run.row.name, seed=run.seed, dataset=opts.dataset, workdir=run.workdir,
+                     config=run.row.kind, description=run.row.description, seed_independent=not run.row.seeded,
+                     command=record.get("command") or run.command,
+                     command_source="recorded" if record.get("command") else "planned",
+                     depends_on=run.deps)
+        if run.reused:
+            cfg = _read_json(os.path.join(run.workdir, "config.json")) or {}
+            entry.update(command=None, command_source="reused (--sasrec_dir)", seed=cfg.get("seed"))
+        attempts = record.get("attempts") or []
+        walls = [a["wall_time_s"] for a in attempts if isinstance(a.get("wall_time_s"), (int, float))]
+        if walls:
+            entry["process_wall_time_s"] = round(sum(walls), 1)  # every attempt, incl. startup and compile
+        result = finished_result(run.row, run.workdir)
+        if result is None:
+            entry.update(status="unfinished", note=_why_unfinished(run, problems))
+        else:
+            entry.update(status="finished", **extract(run.row, run.workdir, result))
+            curves = plot_curves(run, opts.dataset)
+            if curves:
+                entry["curves"] = curves
+        entries.append(entry)
+    summary = summarize(entries)
+    out = dict(dataset=opts.dataset, date=_now(), host=socket.gethostname(), git=_git(), root=opts.root,
+               seeds=opts.seed_list, rows=[r.name for r in opts.row_list], extra_flags=list(opts.extra),
+               runs=entries, summary=summary)
+    json_path = os.path.join(opts.results_dir, f"{opts.dataset}.json")
+    write_json_atomic(json_path, out)
+    md_path = os.path.join(opts.results_dir, f"{opts.dataset}.md")
+    tmp = f"{md_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(markdown(out))
+    os.replace(tmp, md_path)
+    _log(f"wrote {json_path} and {md_path}")
+    return out
+
+
+def _mean_std(values: list[float]) -> dict | None:
+    values = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(float(v))]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return dict(mean=mean, std=std, n=len(values))
+
+
+def summarize(entries: list[dict]) -> dict:
+    """Per row over its finished seeds: mean, sample std (n-1) and n of every column."""
+    summary = {}
+    for name in dict.fromkeys(e["row"] for e in entries):
+        done = [e for e in entries if e["row"] == name and e["status"] == "finished"]
+        s = dict(seeds=[e["seed"] for e in done], planned=sum(e["row"] == name for e in entries))
+        for key, _ in METRIC_COLUMNS:
+            s[key] = _mean_std([e["metrics"].get(key) for e in done])
+        for key in ("train_samples", "steps", "wall_time_s"):
+            s[key] = _mean_std([e.get(key) for e in done])
+        summary[name] = s
+    return summary
+
+
+def _fmt(stat: dict | None, digits: int = 4) -> str:
+    if stat is None:
+        return "—"
+    if stat["std"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _fmt_count(stat: dict | None) -> str:
+    if stat is None:
+        return "—"
+    if not stat["std"]:
+        return f"{stat['mean']:,.0f}"
+    return f"{stat['mean']:,.0f} ± {stat['std']:,.0f}"
+
+
+def _fmt_time(stat: dict | None) -> str:
+    if stat is None:
+        return "—"
+    m = stat["mean"] / 60
+    return f"{m:.1f} min" if stat["std"] is None else f"{m:.1f} ± {stat['std'] / 60:.1f} min"
+
+
+def markdown(out: dict) -> str:
+    git = out["git"]
+    rev = (git.get("revision") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+    lines = [
+        f"# {out['dataset']}: results",
+        "",
+        f"git {rev}, {out['date']}, host {out['host']}; seeds {','.join(map(str, out['seeds']))}; "
+        f"workdirs under `{out['root']}/{out['dataset']}/`"
+        + (f"; extra flags `{' '.join(out['extra_flags'])}`" if out["extra_flags"] else ""),
+        "",
+        "| row | what | seeds | " + " | ".join(h for _, h in METRIC_COLUMNS) + " | train samples | steps | wall time |",
+        "|---" * (3 + len(METRIC_COLUMNS) + 3) + "|",
+    ]
+    by_row = {}
+    for e in out["runs"]:
+        by_row.setdefault(e["row"], e)
+    for name, s in out["summary"].items():
+        e = by_row[name]
+        seeds = f"{len(s['seeds'])}/{s['planned']}" + (" (seed-independent)" if e["seed_independent"] else "")
+        cells = [f"`{name}`", e["description"], seeds, *(_fmt(s[k]) for k, _ in METRIC_COLUMNS),
+                 _fmt_count(s["train_samples"]), _fmt_count(s["steps"]), _fmt_time(s["wall_time_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    n_test = sorted({e["metrics"]["n"] for e in out["runs"] if e["status"] == "finished" and e["metrics"].get("n")})
+    lines += [
+        "",
+        "Test split"
+        + (f" ({', '.join(map(str, n_test))} rows)" if n_test else "")
+        + ". Mean ± sample standard deviation (n - 1) over the finished seeds; `seeds` = finished/planned. "
+        "ValidRatio = samples naming exactly one candidate / all; HitRatio@1 = hits / valid samples; "
+        "accuracy = hits / all. 2T = the two-tower protocol (cos(v_U, v_T) over the 20 candidates); HR@10 and "
+        "NDCG@10 rank the whole catalogue (two-tower for LLM rows, logits for `sasrec`, whose HitRatio@1 and "
+        "accuracy are its HR@1 on the 20 candidates). Wall time is each run's own (training + evaluation).",
+    ]
+    if out["dataset"] == "steam":
+        lines += ["", "Steam: LLaRA's train split is public only as a 1,000-row sample; the train set here adds the "
+                      "windows inside the val/test histories (their targets are never trained on)."]
+    todo = [e for e in out["runs"] if e["status"] != "finished"]
+    if todo:
+        lines += ["", "Not in the table (unfinished):", ""]
+        lines += [f"- `{e['row']}` seed {e['seed']} (`{e['workdir']}`): {e['note']}" for e in todo]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    runs = plan_runs(opts)
+    if opts.dry_run:
+        for run in runs:
+            state = ("done" if finished_result(run.row, run.workdir) is not None
+                     else "reuse" if run.reused else "run")
+            print(f"[{state}] {run.key}: " + (shlex.join(run.command) if not run.reused else f"(reused) {run.workdir}"))
+            for old in run.dropped:
+                print(f"    the row's definition overrides the extra flag {old}")
+        return 0
+    problems: dict[str, str] = {}
+    if not opts.collect_only:
+        previous = None
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread
+            pass
+        try:
+            problems = run_all(opts, runs)
+        except (_Terminated, KeyboardInterrupt):
+            _log("interrupted: collecting what has finished; run the same command again to resume")
+            collect(opts, runs)
+            return 130
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+    out = collect(opts, runs, problems)
+    unfinished = [e for e in out["runs"] if e["status"] != "finished"]
+    if unfinished and not opts.collect_only:
+        _log(f"{len(unfinished)} run(s) did not finish: " + ", ".join(f"{e['row']}-s{e['seed']}" for e in unfinished))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,5 +19,6 @@ def get_config():
     c.train.grad_accum_steps = 8
     c.train.checkpoint_every_steps = 2
     c.train.val_samples = 48
+    c.log_every_steps = 1  # a CPU step takes minutes: show every one
     c.eval.two_tower = False
     return c

@@ -22,6 +22,7 @@ def get_config():
     c.train.grad_accum_steps = 8
     c.train.checkpoint_every_steps = 2
     c.train.val_samples = 48
+    c.log_every_steps = 1  # a CPU step takes minutes: show every one
     c.stage1.datasets = ("movielens",)  # the CPU default builds a movielens-only stage 1
     c.stage2.stage1_train_samples = 192
     return c

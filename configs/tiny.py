@@ -39,3 +39,22 @@ def get_llm_config(stage: str = "stage2"):
         c.checkpoint_stage = "stage2"
     return c
 
+
+def get_p2rec_config(stage: str = "p2rec_reconstruct"):
+    """The P2Rec stages in seconds: a tiny SASRec, a random tiny LLaMA, few users and steps."""
+    from configs import p2rec_common
+
+    c = p2rec_common.get_config(stage)
+    t = get_config(None)
+    c.sasrec, c.log_every_steps = t.sasrec, t.log_every_steps
+    c.sasrec.hidden = 16  # PCA needs sasrec.hidden <= the tiny LLM's width (32)
+    c.sasrec.epochs = 1
+    c.p2rec.num_categories = 4
+    c.p2rec.kmeans_iters = 20
+    c.p2rec.build_missing = False
+    c.train.batch_size = 16
+    c.train.grad_accum_steps = 2
+    c.train.checkpoint_every_steps = 100  # the final and the best step only
+    c.lora.dropout = 0.0
+    c.optim.lr = 3e-3
+    return c

@@ -21,7 +21,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (manual multi-process runs)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (manual multi-process runs)")
 
-STAGES = ("sasrec", "stage1", "stage2", "eval")
+STAGES = ("sasrec", "stage1", "stage2", "eval", "p2rec_reconstruct", "p2rec_augment")
 
 
 class _OwnInfoOnly(py_logging.Filter):
@@ -111,6 +111,17 @@ def main(argv) -> None:
         from rsllm_jax.train.rsllm_trainer import run_eval
 
         print(json.dumps(run_eval(cfg, workdir), indent=2))
+    elif cfg.stage == "p2rec_reconstruct":
+        from rsllm_jax.p2rec.reconstruct import run_reconstruct
+
+        results = run_reconstruct(cfg, workdir)
+        print(json.dumps({k: results[k] for k in ("val", "val_baselines", "best_step", "wall_time_s", "interrupted_at")
+                          if k in results}, indent=2))
+    elif cfg.stage == "p2rec_augment":
+        from rsllm_jax.p2rec.augment import run_augment
+
+        results = run_augment(cfg, workdir)
+        print(json.dumps({k: results[k] for k in ("base", "p2rec", "wall_time_s")}, indent=2))
     else:
         raise app.UsageError(f"config.stage={cfg.stage!r} is not one of {STAGES}")
 

@@ -56,15 +56,20 @@ ARCHS: dict[str, LlamaConfig] = {
                         num_kv_heads=2, head_dim=16),
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/llama2_7b.py", "Run config (loss, LoRA, optimizer, dtypes).")
-_ARCH = flags.DEFINE_enum("arch", "llama2-7b", list(ARCHS), "LLM architecture to plan for.")
-_LAYOUTS = flags.DEFINE_list("layouts", ["fsdp8", "data2_fsdp4", "tensor2_fsdp4"],
-                             "Meshes as <axis><size>_... (axes data, fsdp, tensor; missing axes are 1).")
-_MICRO = flags.DEFINE_list("micro_batches", ["1", "2", "4"], "Sequences per device per micro-batch.")
-_SEQ = flags.DEFINE_integer("seq_len", 512, "Prompt bucket length (LLaRA-style prompts fit in 512).")
-_ACCUM = flags.DEFINE_integer("grad_accum_steps", 2, "Micro-batches accumulated inside one step.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Device count (fake CPU devices without accelerators).")
-_OUT = flags.DEFINE_string("out", "", "Write the plan as JSON here (and print a markdown table).")
+def _define_flags() -> dict:
+    """CLI flags, defined only when run as a program (tests import this module next to other CLIs)."""
+    return dict(
+        config=config_flags.DEFINE_config_file("config", "configs/llama2_7b.py",
+                                               "Run config (loss, LoRA, optimizer, dtypes)."),
+        arch=flags.DEFINE_enum("arch", "llama2-7b", list(ARCHS), "LLM architecture to plan for."),
+        layouts=flags.DEFINE_list("layouts", ["fsdp8", "data2_fsdp4", "fsdp4_tensor2"],
+                                  "Meshes as <axis><size>_... (axes data, fsdp, tensor; missing axes are 1)."),
+        micro=flags.DEFINE_list("micro_batches", ["1", "2", "4"], "Sequences per device per micro-batch."),
+        seq=flags.DEFINE_integer("seq_len", 512, "Prompt bucket length (LLaRA-style prompts fit in 512)."),
+        accum=flags.DEFINE_integer("grad_accum_steps", 2, "Micro-batches accumulated inside one step."),
+        devices=flags.DEFINE_integer("devices", 8, "Device count (fake CPU devices without accelerators)."),
+        out=flags.DEFINE_string("out", "", "Write the plan as JSON here (and print a markdown table)."),
+    )
 
 
 def parse_layout(name: str) -> dict[str, int]:
@@ -149,28 +154,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv) -> None:
+def main(argv, f: dict) -> None:
     del argv
-    cfg = _CONFIG.value
-    arch = ARCHS[_ARCH.value]
-    devices = jax.devices()[: _DEVICES.value]
-    logging.info("planning %s on %d %s devices", _ARCH.value, len(devices), devices[0].platform)
+    cfg = f["config"].value
+    arch = ARCHS[f["arch"].value]
+    devices = jax.devices()[: f["devices"].value]
+    logging.info("planning %s on %d %s devices", f["arch"].value, len(devices), devices[0].platform)
     rows = []
-    for layout in _LAYOUTS.value:
+    for layout in f["layouts"].value:
         dims = parse_layout(layout)
-        for m in _MICRO.value:
-            row = plan_one(cfg, arch, dims, int(m), seq_len=_SEQ.value, accum=_ACCUM.value, devices=devices)
-            row["arch"] = _ARCH.value
+        for m in f["micro"].value:
+            row = plan_one(cfg, arch, dims, int(m), seq_len=f["seq"].value, accum=f["accum"].value, devices=devices)
+            row["arch"] = f["arch"].value
             logging.info("%s micro %s: peak %.2f GiB/device (compile %.0fs)", layout, m, row["peak_bytes"] / 2**30,
                          row["compile_s"])
             rows.append(row)
     table = markdown(rows)
     print(table)
-    if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w") as f:
-            json.dump(dict(arch=_ARCH.value, rows=rows, table=table), f, indent=2)
+    out = f["out"].value
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump(dict(arch=f["arch"].value, rows=rows, table=table), fh, indent=2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _flags = _define_flags()
+    app.run(functools.partial(main, f=_flags))

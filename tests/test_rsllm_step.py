@@ -143,3 +143,27 @@ def test_title_representation_is_a_title_only_pass_and_alignment_is_reported():
     cfg.loss.align_weight = 0.1
     total, metrics = rsllm_loss(built.model, cfg.loss, built.params, {}, b, jax.random.key(0))
     assert np.isfinite(float(metrics["l_align"])) and float(metrics["l_align"]) > 0
+
+
+def test_logits_at_answer_positions_only_give_the_same_loss_and_gradients():
+    llm = tiny_llm()
+    cfg = _cfg()
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    built = _built(cfg, mesh, llm)
+    builder = PromptBuilder(llm[2], TITLES, llm[0].vocab_size, PromptSettings(buckets=(128, 256)))
+    b = _batch(builder)
+    (tr, fr), _ = built.split()
+
+    def grads(positions):
+        cfg.loss.logit_positions = positions
+        fn = lambda t: rsllm_loss(built.model, cfg.loss, t, fr, b, jax.random.key(0))  # noqa: E731
+        return jax.value_and_grad(fn, has_aux=True)(tr)
+
+    (full, m_full), g_full = grads(0)
+    (some, m_some), g_some = grads(16)
+    np.testing.assert_allclose(float(some), float(full), rtol=1e-6)
+    assert float(m_some["answer_tokens_dropped"]) == 0
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-7), g_full, g_some)
+    # A cap below the answer length drops tokens, and says so.
+    (_, m_cut), _ = grads(1)
+    assert float(m_cut["answer_tokens_dropped"]) == float(m_full["answer_tokens"]) - 8

@@ -367,6 +367,14 @@ class Llama(nn.Module):
         """Token embeddings [B, T, D] in the compute dtype."""
         return self.embed_tokens(input_ids)
 
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Final-norm hidden states [B, T, D] -> fp32 logits [B, T, V] (tied or untied LM head)."""
+        if self.config.tie_word_embeddings:
+            logits = _logits(hidden, self.embed_tokens.embedding.T, self.dtype)
+        else:
+            logits = self.lm_head(hidden)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
     def __call__(
         self,
         input_ids: jax.Array | None = None,
@@ -377,7 +385,10 @@ class Llama(nn.Module):
         cache: Cache | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
+        compute_logits: bool = True,
     ):
+        """`compute_logits=False` (with return_hidden) skips the LM head: a caller that needs logits at
+        a few positions only gathers them and calls `head` (the vocabulary matmul is the biggest one)."""
         c = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids / inputs_embeds")
@@ -411,12 +422,7 @@ class Llama(nn.Module):
             new_kv = None if cache is None else tuple(jnp.stack(z) for z in zip(*outs))
 
         hidden = nn.with_logical_constraint(self.norm(x), ("batch", "length", "embed"))
-        if c.tie_word_embeddings:
-            logits = _logits(hidden, self.embed_tokens.embedding.T, self.dtype)
-        else:
-            logits = self.lm_head(hidden)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        out: tuple[Any, ...] = (logits,)
+        out: tuple[Any, ...] = (self.head(hidden) if compute_logits else None,)
         if return_hidden:
             out += (hidden,)
         if cache is not None:

@@ -63,22 +63,40 @@ class RSLLM(nn.Module):
             x = jnp.where(is_slot[..., None], projected.astype(x.dtype), x)
         return x
 
-    def __call__(self, input_ids, attention_mask, slot_items=None, *, deterministic: bool = True):
-        """-> (logits [B,T,V] fp32, last-layer hidden states [B,T,D] fp32)."""
+    def __call__(self, input_ids, attention_mask, slot_items=None, *, deterministic: bool = True,
+                 compute_logits: bool = True):
+        """-> (logits [B,T,V] fp32 (None with compute_logits=False), last-layer hidden states [B,T,D])."""
         x = self.embed(input_ids, slot_items)
         return self.llm(inputs_embeds=x, attention_mask=attention_mask, deterministic=deterministic,
-                        return_hidden=True)
+                        return_hidden=True, compute_logits=compute_logits)
 
-    def towers(self, batch, *, deterministic: bool = True) -> dict[str, jax.Array]:
-        """Main pass + second pass (target alone): logits and the pooled v_U, v_T|U, v_T."""
+    def towers(self, batch, *, deterministic: bool = True, loss_positions: int = 0) -> dict[str, jax.Array]:
+        """Main pass + second pass (target alone): logits and the pooled v_U, v_T|U, v_T.
+
+        `loss_positions` > 0: logits only at the first that many positions of `loss_mask` per row
+        (the answer tokens NIP scores), returned with their `labels`/`loss_mask` gathered alike and the
+        count of loss tokens beyond the cap. The LM head over every prompt position is the step's
+        largest matmul and all but ~5 % of it would be thrown away."""
         slots = batch.get("slot_items")
-        logits, hidden = self(batch["input_ids"], batch["attention_mask"], slots, deterministic=deterministic)
+        logits, hidden = self(batch["input_ids"], batch["attention_mask"], slots, deterministic=deterministic,
+                              compute_logits=not loss_positions)
+        out = {}
+        if loss_positions:
+            mask = batch["loss_mask"].astype(jnp.int32)
+            # Stable sort on "not a loss token": the loss positions first, in order.
+            pos = jnp.argsort(1 - mask, axis=1, stable=True)[:, :loss_positions]
+            gathered = jnp.take_along_axis(hidden, pos[..., None], axis=1)
+            logits = self.llm.head(gathered)
+            out["loss_mask"] = jnp.take_along_axis(mask, pos, axis=1)
+            out["labels"] = jnp.take_along_axis(batch["labels"], pos, axis=1)
+            out["loss_tokens_dropped"] = jnp.sum(mask) - jnp.sum(out["loss_mask"])
         _, t_hidden = self(batch["target_input_ids"], batch["target_attention_mask"],
-                           batch.get("target_slot_items"), deterministic=deterministic)
+                           batch.get("target_slot_items"), deterministic=deterministic, compute_logits=False)
         # The title-only representation for the ID-text alignment: the ID slot (and marker) come after
         # the title, so under causal attention the title tokens' states are exactly a title-only pass.
         title_mask = batch["target_attention_mask"] * (batch["target_input_ids"] < self.config.llm.vocab_size)
         return dict(
+            out,
             logits=logits,
             v_user=losses.masked_mean_pool(hidden, batch["history_mask"]),
             v_target_given_user=losses.masked_mean_pool(hidden, batch["answer_mask"]),

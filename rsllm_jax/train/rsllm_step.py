@@ -15,12 +15,19 @@ from rsllm_jax.models.rsllm import RSLLM
 
 def rsllm_loss(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
     params = merge_trees(trainable, frozen)
-    out = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng}, method=RSLLM.towers)
-    nip, n_tokens = losses.nip_loss(out["logits"], batch["labels"], batch["loss_mask"])
+    positions = int(getattr(loss_cfg, "logit_positions", 0) or 0)
+    out = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng}, method=RSLLM.towers,
+                      loss_positions=positions)
+    if positions:  # logits exist only at the (gathered) answer positions
+        nip, n_tokens = losses.nip_loss(out["logits"], out["labels"], out["loss_mask"])
+    else:
+        nip, n_tokens = losses.nip_loss(out["logits"], batch["labels"], batch["loss_mask"])
     nce = dict(temperature=loss_cfg.temperature, item_ids=batch["target_item"], valid=batch.get("valid"))
     l_ut = losses.info_nce(out["v_user"], out["v_target"], **nce)
     l_tt = losses.info_nce(out["v_target_given_user"], out["v_target"], **nce)
     metrics = dict(nip=nip, l_ut=l_ut, l_tt=l_tt, answer_tokens=n_tokens)
+    if positions:  # answer tokens past the cap get no NIP loss: visible, never silent
+        metrics["answer_tokens_dropped"] = out["loss_tokens_dropped"]
     align = None
     if loss_cfg.align_weight and model.config.num_items:
         # ID-text alignment (ours): the projected ID of the target vs the LLM's title-only representation

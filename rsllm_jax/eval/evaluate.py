@@ -42,6 +42,7 @@ class Evaluator:
         self.stop_ids = np.asarray(stop_token_ids(tokenizer, ("\n",)), np.int32)
         # An answer may open with a newline; only a newline after some text ends it.
         self.leading_ids = np.asarray(blank_token_ids(tokenizer), np.int32)
+        self._item_memo: dict[str, np.ndarray] = {}  # item vectors per cache path, this process
         self._embed = jax.jit(lambda p, ids, slots: model.apply({"params": p}, ids, slots, method=RSLLM.embed))
         # L2-normalised mean of the last hidden states over `pool_mask` (the towers' vectors).
         self._pooled = jax.jit(lambda p, ids, mask, slots, pool_mask: losses.l2_normalize(
@@ -54,8 +55,14 @@ class Evaluator:
     # -- two-tower item side
     def item_vectors(self, params, num_items: int, cache_path: str | None = None) -> np.ndarray:
         """v_T for every item [num_items, D], L2-normalised; computed once and cached."""
-        if cache_path and os.path.exists(cache_path):
-            return np.load(cache_path)
+        if cache_path and cache_path in self._item_memo:
+            return self._item_memo[cache_path]
+        # Every process must take the same branch (computing runs collectives): read the disk cache
+        # only when all processes see it, never when process 0 has just written it and another not yet.
+        missing = int(not (cache_path and os.path.exists(cache_path)))
+        if cache_path and sharding.max_across_processes(missing) == 0:
+            self._item_memo[cache_path] = np.load(cache_path)
+            return self._item_memo[cache_path]
         vecs = []
         bs = max(self.batch_size, 16)
         for start in tqdm(range(0, num_items, bs), desc="item vectors", disable=not is_writer(), leave=False):
@@ -67,10 +74,12 @@ class Evaluator:
             v = self._pooled(params, ids, mask, slots, mask)
             vecs.append(sharding.to_host(v)[: min(bs, num_items - start)])
         out = np.concatenate(vecs).astype(np.float32)
-        if cache_path and is_writer():
-            tmp = f"{cache_path}.tmp{os.getpid()}.npy"
-            np.save(tmp, out)
-            os.replace(tmp, cache_path)
+        if cache_path:
+            self._item_memo[cache_path] = out
+            if is_writer():
+                tmp = f"{cache_path}.tmp{os.getpid()}.npy"
+                np.save(tmp, out)
+                os.replace(tmp, cache_path)
         return out
 
     def run(self, params, records: Sequence[dict], titles: Sequence[str], *, out_dir: str | None, name: str,

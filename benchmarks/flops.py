@@ -93,8 +93,13 @@ def train_step_flops(c: LlmCounts, batch: int, seq_len: int, target_len: int, sl
     return main + target + slots * 6 * c.n_proj
 
 
+def prefill_flops(c: LlmCounts, batch: int, prompt_len: int) -> int:
+    """The prompt pass: every prompt token through the layers, the LM head at the last position only."""
+    return batch * prompt_len * (2 * c.n + 2 * c.n_lora + _attention(c, prompt_len, 4)) + batch * 2 * c.n_head
+
+
 def decode_flops(c: LlmCounts, batch: int, prompt_len: int, new_tokens: int, slots: int) -> int:
-    total = batch * prompt_len * (2 * c.n + 2 * c.n_lora + _attention(c, prompt_len, 4)) + batch * 2 * c.n_head
+    total = prefill_flops(c, batch, prompt_len)
     for i in range(1, new_tokens):
         total += batch * (2 * c.n + 2 * c.n_lora + 2 * c.n_head + _attention(c, prompt_len + i, 4))
     return total + slots * 2 * c.n_proj

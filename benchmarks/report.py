@@ -40,6 +40,26 @@ def targets(results: dict) -> dict:
     return out
 
 
+def decode_roofline(results: dict) -> dict | None:
+    """A lower bound on one decode call on this machine, whatever the framework: the prefill at the
+    measured matmul peak, then every decode step streaming the LLM weights at the measured memory
+    bandwidth (batch rows share one read). Compared with what the 2x target asks for."""
+    dec, mm = results.get("decode"), results.get("matmul")
+    if not dec or not mm or "memory_bandwidth" not in mm or "llm_weight_bytes" not in dec:
+        return None
+    shape = dec["shape"]
+    bw = mm["memory_bandwidth"]["gb_per_s"] * 1e9
+    prefill_s = dec["prefill_flops"] / (mm["peak_gflops"]["machine"] * 1e9)
+    steps_s = (shape["new_tokens"] - 1) * dec["llm_weight_bytes"] / bw
+    floor_s = prefill_s + steps_s
+    target_s = dec["torch"]["median_s"] / DECODE_SPEEDUP_TARGET
+    return dict(prefill_floor_s=prefill_s, decode_steps_floor_s=steps_s, floor_s=floor_s,
+                max_tokens_per_s=shape["batch"] * shape["new_tokens"] / floor_s,
+                target_s=target_s, target_below_floor=target_s < floor_s,
+                jax_s=dec["jax"]["median_s"], jax_over_floor=dec["jax"]["median_s"] / floor_s,
+                torch_over_floor=dec["torch"]["median_s"] / floor_s)
+
+
 def _fmt(x, spec=".3g") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -61,6 +81,17 @@ def markdown(results: dict) -> str:
         p = results["matmul"]["peak_gflops"]
         sizes = ", ".join(results["matmul"]["gflops"]["jax"])
         lines += ["", f"Measured f32 matmul peak: jax {p['jax']:.1f} GFLOP/s, torch {p['torch']:.1f} GFLOP/s ({sizes})."]
+    if "matmul" in results and "memory_bandwidth" in results["matmul"]:
+        lines += ["", f"Measured memory bandwidth: {results['matmul']['memory_bandwidth']['gb_per_s']:.1f} GB/s "
+                      f"({results['matmul']['memory_bandwidth']['method']})."]
+    roof = results.get("decode_roofline")
+    if roof:
+        lines += ["", f"Decode floor on this machine (prefill at the matmul peak + every step streaming the "
+                      f"{results['decode']['llm_weight_bytes'] / 2**20:.0f} MiB of LLM weights at the measured "
+                      f"bandwidth): {roof['floor_s']:.2f} s per call = {roof['max_tokens_per_s']:.1f} new tokens/s "
+                      f"at most. JAX is at {roof['jax_over_floor']:.2f}x the floor, torch at "
+                      f"{roof['torch_over_floor']:.2f}x; 2x torch would need {roof['target_s']:.2f} s"
+                      + (" — below the floor, unreachable here." if roof["target_below_floor"] else ".")]
     if "train" in results:
         lines += ["", "| first-step loss | jax | torch | abs diff | ok |", "|---|---|---|---|---|"]
         for k, v in results["train"]["losses"].items():

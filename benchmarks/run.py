@@ -5,7 +5,8 @@
     python -m benchmarks.run --out=/tmp/b --model=/path/to/hf_dir --batch=2 --seq_len=32   # any LLaMA checkpoint
 
 Sections (--only picks a comma list; default all):
-  matmul  f32 matmul GFLOP/s of jnp.dot and torch.matmul (the MFU denominators; run first, machine idle)
+  matmul  f32 matmul GFLOP/s of jnp.dot and torch.matmul (the MFU denominators; run first, machine idle),
+          and streaming memory bandwidth (the floor of memory-bound decoding)
   train   stage-2 train step (NIP + L_UT + L_TT, LoRA r=8 alpha=32 on q,k,v,o,gate,up,down, projector,
           Adam): rsllm_jax's jitted step vs a LLaRA-style transformers + peft reference with the same
           weights and batch; checks their first-step losses agree
@@ -55,6 +56,7 @@ _SAS_SAMPLES = flags.DEFINE_integer("sasrec_samples", 60000, "Synthetic SASRec r
 _SAS_BATCH = flags.DEFINE_integer("sasrec_batch", 256, "SASRec batch size (configs/base.py's)")
 _MM_SIZES = flags.DEFINE_list("matmul_sizes", ["2048", "3072", "4096"], "Square matmul sizes for the peak")
 _MM_REPEATS = flags.DEFINE_integer("matmul_repeats", 5, "Matmuls per size (best is kept)")
+_BW_MIB = flags.DEFINE_integer("bandwidth_mib", 512, "Array size of the memory-bandwidth probe (far above cache)")
 
 
 def setup_info() -> dict:
@@ -108,7 +110,8 @@ def run_all(sections: list[str]) -> dict:
     for name in sections:
         logging.info("section %s ...", name)
         if name == "matmul":
-            results[name] = section_matmul.run(sizes=[int(s) for s in _MM_SIZES.value], repeats=_MM_REPEATS.value)
+            results[name] = section_matmul.run(sizes=[int(s) for s in _MM_SIZES.value], repeats=_MM_REPEATS.value,
+                                               bandwidth_mib=_BW_MIB.value)
         elif name in ("train", "decode"):
             llm = llm or llm_setup.load(_MODEL.value, _SCAN.value)
             results[name] = run_llm_section(name, llm)
@@ -123,6 +126,9 @@ def run_all(sections: list[str]) -> dict:
     results["setup"]["load_average_end"] = os.getloadavg()
     report.add_mfu(results)
     results["targets"] = report.targets(results)
+    roof = report.decode_roofline(results)
+    if roof:
+        results["decode_roofline"] = roof
     return results
 
 

@@ -5,7 +5,8 @@ Both run the evaluation path of a stage-2 model: hybrid prompt embeddings (proje
 the slots) fed as `inputs_embeds` to the LoRA-adapted LLM (rsllm_jax: eval/evaluate.py's
 RSLLM.embed + models/generate.py; PyTorch: LLaRA's peft model `generate(inputs_embeds=...)`).
 Same prompts, same length, exactly `new_tokens` per row on both sides (no stop ids in JAX, EOS
-disabled in transformers). Timed per call: embedding the prompt + prefill + decode loop.
+disabled in transformers). Timed per call: embedding the prompt + folding LoRA into the kernels (JAX,
+as the Evaluator does once per evaluation) + prefill + decode loop.
 """
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ import torch
 
 from benchmarks import flops, timing, workload
 from benchmarks.llm_setup import Setup
-from rsllm_jax.models.generate import generate
+from rsllm_jax.models.generate import for_inference, generate
 from rsllm_jax.models.llama import Llama
 from rsllm_jax.models.rsllm import RSLLM
 
 
-def run_jax(setup: Setup, prompts: dict, new_tokens: int, repeats: int, warmup: int) -> dict:
+def jax_decoder(setup: Setup, prompts: dict, new_tokens: int, merge: bool = True):
+    """A blocking call doing what the Evaluator does per batch: embed the prompt, fold LoRA into the base
+    kernels (`for_inference`, once per evaluation; `merge=False` keeps the factors), greedy-decode."""
     model, params = setup.built.model, setup.built.params
     llm = Llama(model.config.llm, dtype=model.dtype, param_dtype=model.param_dtype, lora=model.lora)
     embed = jax.jit(lambda p, ids, slots: model.apply({"params": p}, ids, slots, method=RSLLM.embed))
@@ -29,9 +32,15 @@ def run_jax(setup: Setup, prompts: dict, new_tokens: int, repeats: int, warmup: 
 
     def decode():
         embeds = embed(params, prompts["input_ids"], prompts["slot_items"])
-        tokens, _ = generate(llm, params["llm"], inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens)
+        dec, dec_params = for_inference(llm, params["llm"]) if merge else (llm, params["llm"])
+        tokens, _ = generate(dec, dec_params, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=new_tokens)
         return np.asarray(jax.block_until_ready(tokens))
 
+    return decode
+
+
+def run_jax(setup: Setup, prompts: dict, new_tokens: int, repeats: int, warmup: int) -> dict:
+    decode = jax_decoder(setup, prompts, new_tokens)
     with setup.context():
         first_s, tokens = timing.timed(decode)  # traces and compiles the embedding and generate programs
         times = timing.repeat(decode, repeats=repeats, warmup=warmup)
@@ -65,8 +74,12 @@ def run(setup: Setup, *, batch: int, prompt_len: int, new_tokens: int, repeats: 
                              f"exactly {new_tokens} per row on both sides")
     for r in (jax_res, torch_res):
         r["tokens_per_s"] = batch * new_tokens / r["median_s"]
+    # Each of the new_tokens - 1 decode steps streams every (folded) LLM weight from memory once.
+    weight_bytes = sum(x.size * x.dtype.itemsize for path, x in jax.tree_util.tree_leaves_with_path(
+        setup.built.params["llm"]) if "lora" not in jax.tree_util.keystr(path))
     return dict(
         jax=jax_res, torch=torch_res, model_flops_per_call=flops.decode_flops(counts, batch, prompt_len, new_tokens, slots),
+        prefill_flops=flops.prefill_flops(counts, batch, prompt_len), llm_weight_bytes=int(weight_bytes),
         shape=dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens),
         # Informational: fp32 summation-order differences can flip a near-tie argmax, after which rows diverge.
         greedy_tokens_equal_fraction=float((a == b).mean()), greedy_rows_identical=int((a == b).all(1).sum()),

@@ -34,11 +34,25 @@ def torch_gflops(n: int, repeats: int) -> float:
     return _best_gflops(lambda: torch.matmul(a, b), n, repeats)
 
 
-def run(*, sizes: list[int], repeats: int) -> dict:
+def memory_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
+    """Streaming bandwidth: best time of `y = x * 2` over a `mib` MiB f32 array (one read + one write),
+    far larger than any cache. Memory-bound work such as decoding (every weight read once per token)
+    is bounded by this, not by the matmul peak."""
+    n = mib * 2**20 // 4
+    x = jax.device_put(np.ones(n, np.float32), jax.devices()[0])
+    double = jax.jit(lambda v: v * 2)
+    double(x).block_until_ready()
+    best = min(timing.timed(lambda: double(x).block_until_ready())[0] for _ in range(max(repeats, 1)))
+    return dict(gb_per_s=2 * n * 4 / best / 1e9, mib=mib, method=f"best of {repeats}: y = 2x over {mib} MiB "
+                "f32, bytes = read + write")
+
+
+def run(*, sizes: list[int], repeats: int, bandwidth_mib: int = 512) -> dict:
     jax_res = {str(n): jax_gflops(n, repeats) for n in sizes}
     torch_res = {str(n): torch_gflops(n, repeats) for n in sizes}
     peak = dict(jax=max(jax_res.values()), torch=max(torch_res.values()))
     peak["machine"] = max(peak.values())
     return dict(gflops=dict(jax=jax_res, torch=torch_res), peak_gflops=peak, dtype="float32",
+                memory_bandwidth=memory_bandwidth(bandwidth_mib),
                 method=f"best of {repeats} after 1 warm-up, 2*n^3 FLOPs per n x n matmul",
                 torch_threads=torch.get_num_threads())

@@ -38,7 +38,7 @@ def results(tmp_path_factory):
     cmd = [sys.executable, "-m", "benchmarks.run", f"--out={out}", f"--model={ckpt}", "--batch=2", "--seq_len=32",
            "--target_len=8", "--repeats=1", "--warmup=0", "--new_tokens=4", "--prompt_len=16", "--torch_threads=1",
            "--sasrec_data=synthetic", "--sasrec_samples=256", "--sasrec_batch=64", "--matmul_sizes=128",
-           "--matmul_repeats=1"]
+           "--matmul_repeats=1", "--bandwidth_mib=16"]
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| train (step) | jax |" in proc.stdout  # the table is printed
@@ -56,6 +56,11 @@ def test_every_section_has_finite_positive_numbers(results):
         assert _positive(results[section]["speedup"]), section
     peaks = results["matmul"]["peak_gflops"]
     assert all(_positive(peaks[k]) for k in ("jax", "torch", "machine"))
+    assert _positive(results["matmul"]["memory_bandwidth"]["gb_per_s"])
+    roof = results["decode_roofline"]
+    assert 0 < roof["prefill_floor_s"] < roof["floor_s"] and _positive(roof["decode_steps_floor_s"])
+    # A floor: neither framework can beat it (timing noise aside, at tiny sizes both are far above it).
+    assert roof["jax_over_floor"] > 1 and roof["torch_over_floor"] > 1
     assert _positive(results["train"]["model_flops_per_step"])
     assert all(_positive(v) for v in results["train"]["counts"].values())
     assert set(results["flops"]) >= {"N", "train_step", "decode", "sasrec_step", "mfu"}

@@ -137,3 +137,23 @@ def test_split_and_merge_trees(tiny):
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
     with pytest.raises(ValueError, match="overlap"):
         merge_trees(trainable, params)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decoding_with_lora_folded_equals_unmerged(tiny, scan):
+    """The Evaluator decodes with `for_inference` (LoRA folded into the kernels): same greedy tokens and
+    final logits as decoding through the adapter factors, and the folded model has no LoRA left."""
+    from rsllm_jax.models.generate import for_inference, generate
+
+    path, _ = tiny
+    config, base = hf_ckpt.load_hf(path, scan_layers=scan)
+    model, params = with_lora(config, base, b_scale=0.05)
+    folded_model, folded = for_inference(model, params)
+    assert folded_model.lora is None and not lora_paths(folded)
+    ids, mask = ragged_batch(np.random.default_rng(1), config.vocab_size, [9, 4, 6], left=True)
+    a, la = generate(model, params, ids, attention_mask=mask, max_new_tokens=6)
+    b, lb = generate(folded_model, folded, ids, attention_mask=mask, max_new_tokens=6)
+    base_tokens, _ = generate(Llama(config), base, ids, attention_mask=mask, max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
+    assert (np.asarray(base_tokens) != np.asarray(a)).any()  # the adapter changes what is generated

@@ -64,7 +64,6 @@ def _metrics(workdir: pathlib.Path) -> list[dict]:
         return [json.loads(line) for line in f if '"nip"' in line]
 
 
-@pytest.mark.xfail(reason="hangs at jax.distributed shutdown since ffb968b (process 1 never reaches the barrier); under investigation, issue 5", strict=False)
 def test_two_processes_equal_one(setup):
     tmp, flags = setup
     one = tmp / "one"

@@ -24,7 +24,7 @@ from rsllm_jax import losses, sharding
 from rsllm_jax.data.prompt_pipeline import EvalExample, eval_batches
 from rsllm_jax.data.prompts import PromptBuilder
 from rsllm_jax.eval import generation_metrics, ranking
-from rsllm_jax.models.generate import blank_token_ids, generate, stop_token_ids
+from rsllm_jax.models.generate import blank_token_ids, for_inference, generate, stop_token_ids
 from rsllm_jax.models.llama import Llama
 from rsllm_jax.models.rsllm import RSLLM
 from rsllm_jax.train.run_log import is_writer, write_json_atomic
@@ -92,11 +92,12 @@ class Evaluator:
                           global_batch_size=self.batch_size, buckets=self.buckets)
         scored, preds, cand_hits, ranks = [], [], [], []
         n_batches = -(-len(records) // self.batch_size)
+        llm, llm_params = for_inference(self.llm, params["llm"])
         for batch in tqdm(ds, total=n_batches, desc=f"eval {name}", disable=not is_writer(), leave=False):
             valid = batch["valid"].astype(bool)
             ids, mask, slots = (self._global(batch[k]) for k in ("input_ids", "attention_mask", "slot_items"))
             embeds = self._embed(params, ids, slots)
-            tokens, lengths = generate(self.llm, params["llm"], inputs_embeds=embeds, attention_mask=mask,
+            tokens, lengths = generate(llm, llm_params, inputs_embeds=embeds, attention_mask=mask,
                                        max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                        leading_ids=self.leading_ids)
             tokens, lengths = sharding.to_host(tokens), sharding.to_host(lengths)

@@ -14,11 +14,10 @@ import json
 import os
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from benchmarks import llm_setup, timing, workload
-from benchmarks.profile_train import top_ops
+from benchmarks.trace_stats import categories, top_ops
 from benchmarks.section_decode import jax_decoder
 from benchmarks.section_matmul import memory_bandwidth
 
@@ -67,10 +66,12 @@ def main(argv) -> None:
     for name, ms, c in rows:
         print(f"{ms:10.1f} ms  x{c:<5d} {name[:110]}")
     out["top_ops"] = rows
+    out["per_call_ms_by_kind"] = categories(_OUT.value, 1)
+    for k, v in out["per_call_ms_by_kind"].items():
+        print(f"  {k:40s} {v:9.1f} ms")
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "decode_profile.json"), "w") as f:
         json.dump(out, f, indent=1, default=float)
-    np.set_printoptions(precision=3)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,7 @@ Prints the top operations by total time and writes DIR/top_ops.json (the raw tra
 """
 from __future__ import annotations
 
-import collections
 import functools
-import glob
-import gzip
 import json
 import os
 
@@ -18,6 +15,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import llm_setup, workload
+from benchmarks.trace_stats import categories, top_ops
 from rsllm_jax import sharding
 from rsllm_jax.train import step as step_lib
 from rsllm_jax.train.optimizer import make_optimizer
@@ -27,19 +25,6 @@ _OUT = flags.DEFINE_string("out", "results/bench/profile", "Trace directory")
 _STEPS = flags.DEFINE_integer("steps", 2, "Profiled steps (after one compiling step)")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per row")
-
-
-def top_ops(trace_dir: str, n: int = 25) -> list[tuple[str, float, int]]:
-    """Sum complete-event durations by name over the newest trace file: (name, ms, count)."""
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
-    with gzip.open(path) as f:
-        events = json.load(f)["traceEvents"]
-    total, count = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and "dur" in e:
-            total[e["name"]] += e["dur"] / 1e3
-            count[e["name"]] += 1
-    return [(k, round(v, 1), count[k]) for k, v in total.most_common(n)]
 
 
 def main(argv) -> None:
@@ -70,8 +55,13 @@ def main(argv) -> None:
     rows = top_ops(_OUT.value)
     for name, ms, c in rows:
         print(f"{ms:10.1f} ms  x{c:<5d} {name[:110]}")
+    cats = categories(_OUT.value, _STEPS.value)
+    total = sum(cats.values())
+    print("per step, by kind (op time summed over threads):")
+    for k, v in cats.items():
+        print(f"  {k:40s} {v:9.1f} ms  {v / total:6.1%}")
     with open(os.path.join(_OUT.value, "top_ops.json"), "w") as f:
-        json.dump(dict(steps=_STEPS.value, rows=rows), f, indent=1)
+        json.dump(dict(steps=_STEPS.value, rows=rows, per_step_ms_by_kind=cats), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ _PROMPT = flags.DEFINE_integer("prompt_len", 256, "Prompt tokens per row for dec
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0 = torch's default)")
 _ONLY = flags.DEFINE_list("only", [], f"Sections to run, from {SECTIONS} (default: all)")
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Scanned layer stack in JAX (the configs' default)")
+_REMAT = flags.DEFINE_enum("remat_policy", "dots_no_batch", ["none", "full", "dots", "dots_no_batch"],
+                           "config.llm.remat_policy of the JAX train step (configs/base.py's default)")
 _SAS_DATA = flags.DEFINE_enum("sasrec_data", "auto", ["auto", "movielens", "synthetic"],
                               "SASRec windows: the real MovieLens split (auto: when $RSLLM_DATA_DIR is set) or synthetic")
 _SAS_SAMPLES = flags.DEFINE_integer("sasrec_samples", 60000, "Synthetic SASRec records per epoch")
@@ -65,7 +67,7 @@ def setup_info() -> dict:
         cpu_count=os.cpu_count(), machine=platform.processor() or platform.machine(), platform=platform.platform(),
         jax=jax.__version__, jax_device=str(jax.devices()[0]), jax_devices_visible=jax.device_count(),
         torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads(),
-        scan_layers=_SCAN.value, load_average_start=os.getloadavg(),
+        scan_layers=_SCAN.value, remat_policy=_REMAT.value, load_average_start=os.getloadavg(),
         notes="1-device JAX mesh; LoRA dropout off on both sides (needed for loss agreement); "
               "grad_accum_steps=1 (the batch is one micro-batch); synthetic fixed-length prompts "
               "(benchmarks/workload.py), same arrays for both frameworks",
@@ -91,7 +93,7 @@ def _sections() -> list[str]:
 
 def run_llm_section(name: str, llm) -> dict:
     # A fresh model per section (the JAX train step donates its state); dropped afterwards to free memory.
-    setup = llm_setup.build(llm, scan_layers=_SCAN.value, target_len=_TARGET.value)
+    setup = llm_setup.build(llm, scan_layers=_SCAN.value, target_len=_TARGET.value, remat_policy=_REMAT.value)
     try:
         if name == "train":
             return section_train.run(setup, batch=_BATCH.value, seq_len=_SEQ.value, target_len=_TARGET.value,

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from rsllm_jax import experiments as ex
-from rsllm_jax.checkpoint.hf import save_hf
 from synthetic_data import write_custom_dataset
-from tiny_llm import tiny_llm
+from tiny_llm import save_tiny_llm
 
 
 def _flags(cmd: list[str]) -> dict[str, str]:
@@ -254,10 +253,7 @@ def test_collect_from_fake_workdirs(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exp")
-    config, params, tok = tiny_llm()
-    model_dir = tmp / "tiny-llama"
-    save_hf(params, config, model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_llm(tmp / "tiny-llama")
     inter, items = write_custom_dataset(tmp / "data")
     extra = [f"--config.llm.model={model_dir}", f"--config.data.custom_interactions={inter}",
              f"--config.data.custom_items={items}", f"--config.data.cache_dir={tmp / 'cache'}",

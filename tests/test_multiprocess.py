@@ -15,10 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from rsllm_jax.checkpoint.hf import save_hf
 from rsllm_jax.train.rsllm_trainer import _restore_trainable
 from synthetic_data import write_custom_dataset
-from tiny_llm import tiny_llm
+from tiny_llm import save_tiny_llm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,10 +39,7 @@ def _env(devices: int) -> dict:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mp")
-    config, params, tok = tiny_llm()
-    model_dir = tmp / "tiny-llama"
-    save_hf(params, config, model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_llm(tmp / "tiny-llama")
     inter, items = write_custom_dataset(tmp / "data")
     sasrec = tmp / "sasrec"
     sasrec.mkdir()

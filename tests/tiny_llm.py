@@ -15,3 +15,14 @@ def tiny_llm(seed: int = 0, **overrides):
     config = LlamaConfig(**kw)
     params = nn.meta.unbox(Llama(config).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
     return config, params, tok
+
+
+def save_tiny_llm(model_dir, seed: int = 0):
+    """The tiny LLaMA and its tokenizer written as a Hugging Face checkpoint directory, so that
+    `--config.llm.model=<model_dir>` runs the real entry point on it. Returns model_dir."""
+    from rsllm_jax.checkpoint.hf import save_hf
+
+    config, params, tok = tiny_llm(seed)
+    save_hf(params, config, model_dir)
+    tok.save_pretrained(model_dir)
+    return model_dir

@@ -34,6 +34,7 @@ from absl import logging
 from flax import traverse_util
 
 from rsllm_jax import sharding
+from rsllm_jax.checkpoint.run_dirs import has_checkpoint, sibling_dir
 from rsllm_jax.data import pipeline
 from rsllm_jax.data.sasrec_batches import SasrecEvalTransform
 from rsllm_jax.data.splits import SplitData, load_split_from_config
@@ -41,8 +42,7 @@ from rsllm_jax.eval import ranking
 from rsllm_jax.models.sasrec import SASRec
 from rsllm_jax.p2rec import compare
 from rsllm_jax.p2rec.common import (
-    LORA_REGEX, TitlePrompts, has_checkpoint, pooled_states, restore_subtree, run_batched, sasrec_config_from_params,
-    sibling_dir,
+    LORA_REGEX, TitlePrompts, pooled_states, restore_subtree, run_batched, sasrec_config_from_params,
 )
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.run_log import is_writer, write_json_atomic

@@ -84,16 +84,6 @@ class TitlePrompts:
 
 
 # ---------------------------------------------------------------- run directories and checkpoints
-def sibling_dir(configured: str, workdir: str, name: str) -> str:
-    """A configured run directory, or <workdir>/../<name> (where main.py's default workdirs put it)."""
-    return configured or os.path.join(os.path.dirname(os.path.abspath(workdir)), name)
-
-
-def has_checkpoint(run_dir: str) -> bool:
-    return any(os.path.isdir(os.path.join(run_dir, d)) and os.listdir(os.path.join(run_dir, d))
-               for d in ("best", "checkpoints"))
-
-
 def restore_subtree(run_dir: str, key: str) -> tuple[dict, int]:
     """`state[key]` of a run's best (else latest) orbax checkpoint as host numpy arrays, and its step.
     Restored onto one local device, whatever topology saved it."""

@@ -29,13 +29,14 @@ from absl import logging
 
 from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
+from rsllm_jax.checkpoint.run_dirs import has_checkpoint, sibling_dir
 from rsllm_jax.data import pipeline
 from rsllm_jax.data.sasrec_batches import left_pad
 from rsllm_jax.data.splits import load_split_from_config
 from rsllm_jax.models.lora import merge_trees, split_trainable
 from rsllm_jax.models.sasrec import SASRec, item_table
 from rsllm_jax.p2rec.common import (
-    TitlePrompts, has_checkpoint, pooled_states, restore_subtree, run_batched, sasrec_config_from_params, sibling_dir,
+    TitlePrompts, pooled_states, restore_subtree, run_batched, sasrec_config_from_params,
 )
 from rsllm_jax.train import step as step_lib
 from rsllm_jax.train.optimizer import count_params, learning_rate_schedule, make_optimizer

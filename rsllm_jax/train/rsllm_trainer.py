@@ -29,6 +29,7 @@ from flax import traverse_util
 
 from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
+from rsllm_jax.checkpoint.run_dirs import has_checkpoint, sibling_dir
 from rsllm_jax.data.prompt_pipeline import TrainExample, train_batches
 from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings, repad
 from rsllm_jax.data.splits import SplitData, load_split_from_config
@@ -68,7 +69,7 @@ def subsample(records: list, n: int, seed: int) -> list:
 def _stage_dependencies(cfg, workdir: str):
     """Stage 2 needs stage 0's item table and stage 1's LoRA; build them if asked and missing."""
     s2 = cfg.stage2
-    sasrec_dir = s2.sasrec_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), f"sasrec-{cfg.data.dataset}")
+    sasrec_dir = sibling_dir(s2.sasrec_dir, workdir, f"sasrec-{cfg.data.dataset}")
     table_path = os.path.join(sasrec_dir, "item_embeddings.npy")
     if not os.path.exists(table_path):
         if not s2.build_missing:
@@ -82,8 +83,8 @@ def _stage_dependencies(cfg, workdir: str):
 
     stage1_params = None
     if s2.stage1_dir != "none":
-        stage1_dir = s2.stage1_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), "stage1")
-        if not _has_checkpoint(stage1_dir):
+        stage1_dir = sibling_dir(s2.stage1_dir, workdir, "stage1")
+        if not has_checkpoint(stage1_dir):
             if not s2.build_missing:
                 raise FileNotFoundError(f"no stage-1 checkpoint in {stage1_dir}: run configs/stage1.py or set "
                                         "config.stage2.stage1_dir ('none' to start from the base LLM)")
@@ -96,11 +97,6 @@ def _stage_dependencies(cfg, workdir: str):
             run_stage(c1, stage1_dir)
         stage1_params = _restore_trainable(stage1_dir, keep=r"llm/.*lora_(a|b)|added_embeddings/.*")
     return rec_table, stage1_params
-
-
-def _has_checkpoint(run_dir: str) -> bool:
-    return any(os.path.isdir(os.path.join(run_dir, d)) and os.listdir(os.path.join(run_dir, d))
-               for d in ("best", "checkpoints"))
 
 
 def _restore_trainable(run_dir: str, keep: str | None = None) -> dict:

@@ -19,7 +19,9 @@ def _data(c, tmp_path):
     return c
 
 
-def test_stage1_stage2_eval_smoke(tmp_path):
+def test_stage1_stage2_eval_smoke(tmp_path, monkeypatch):
+    # Relative run directories, as `python -m rsllm_jax.experiments` passes them (orbax wants absolute).
+    monkeypatch.chdir(tmp_path)
     llm = tiny_llm()
     c0 = _data(tiny.get_config(), tmp_path)
     train_sasrec(c0, str(tmp_path / "sasrec"))
@@ -29,8 +31,8 @@ def test_stage1_stage2_eval_smoke(tmp_path):
     assert r1["test"]["n"] > 0 and 0.0 <= r1["test"]["valid_ratio"] <= 1.0
 
     c2 = _data(tiny.get_llm_config("stage2"), tmp_path)
-    c2.stage2.sasrec_dir = str(tmp_path / "sasrec")
-    c2.stage2.stage1_dir = str(tmp_path / "stage1")
+    c2.stage2.sasrec_dir = "sasrec"
+    c2.stage2.stage1_dir = "stage1"
     r2 = run_stage(c2, str(tmp_path / "stage2"), llm=llm)
     for key in ("valid_ratio", "hit_ratio_at_1", "accuracy", "two_tower_hr1", "two_tower_hr10", "two_tower_ndcg10"):
         assert 0.0 <= r2["test"][key] <= 1.0, key
@@ -43,7 +45,7 @@ def test_stage1_stage2_eval_smoke(tmp_path):
     assert {"row", "output", "matched", "hit"} <= set(json.loads(preds[0]))
 
     ce = _data(tiny.get_llm_config("eval"), tmp_path)
-    ce.checkpoint = str(tmp_path / "stage2")
+    ce.checkpoint = "stage2"
     m = run_eval(ce, str(tmp_path / "eval"), llm=llm)
     assert m["n"] == r2["test"]["n"]
     # Evaluating the saved best checkpoint reproduces the run's own test numbers.

@@ -102,7 +102,7 @@ def _stage_dependencies(cfg, workdir: str):
 def _restore_trainable(run_dir: str, keep: str | None = None) -> dict:
     """The trainable subtree of a run's best (else latest) checkpoint, as host numpy arrays."""
     for sub in ("best", "checkpoints"):
-        path = os.path.join(run_dir, sub)
+        path = os.path.abspath(os.path.join(run_dir, sub))  # orbax refuses relative paths
         if not os.path.isdir(path):
             continue
         mgr = ocp.CheckpointManager(path, item_names=("state", "iter", "meta"))

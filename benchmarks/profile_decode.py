@@ -17,9 +17,9 @@ import jax
 from absl import app, flags
 
 from benchmarks import llm_setup, timing, workload
-from benchmarks.trace_stats import categories, top_ops
-from benchmarks.section_decode import jax_decoder
+from benchmarks.section_decode import jax_decoder, llm_weight_bytes
 from benchmarks.section_matmul import memory_bandwidth
+from benchmarks.trace_stats import categories, top_ops
 
 _OUT = flags.DEFINE_string("out", "results/bench/profile_decode", "Trace directory")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows")
@@ -34,8 +34,7 @@ def main(argv) -> None:
     setup = llm_setup.build(llm, scan_layers=True, target_len=24)
     vocab = setup.built.model.config.llm.vocab_size
     prompts = workload.prompt_batch(batch=_BATCH.value, prompt_len=_PROMPT.value, vocab=vocab)
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.built.params["llm"])
-                       if x.ndim >= 2 and "lora" not in str(x.shape))
+    weight_bytes = llm_weight_bytes(setup.built.params["llm"])
     bw = memory_bandwidth()
     out = dict(shape=dict(batch=_BATCH.value, prompt_len=_PROMPT.value, new_tokens=_NEW.value),
                memory_bandwidth_gb_s=bw["gb_per_s"], llm_weight_bytes=int(weight_bytes))

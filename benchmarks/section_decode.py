@@ -22,6 +22,13 @@ from rsllm_jax.models.llama import Llama
 from rsllm_jax.models.rsllm import RSLLM
 
 
+def llm_weight_bytes(llm_params) -> int:
+    """Bytes of the LLM's weights without the LoRA factors (which decoding folds into the kernels): what
+    every decode step streams from memory once."""
+    return int(sum(x.size * x.dtype.itemsize for path, x in jax.tree_util.tree_leaves_with_path(llm_params)
+                   if "lora" not in jax.tree_util.keystr(path)))
+
+
 def jax_decoder(setup: Setup, prompts: dict, new_tokens: int, merge: bool = True):
     """A blocking call doing what the Evaluator does per batch: embed the prompt, fold LoRA into the base
     kernels (`for_inference`, once per evaluation; `merge=False` keeps the factors), greedy-decode."""
@@ -74,12 +81,9 @@ def run(setup: Setup, *, batch: int, prompt_len: int, new_tokens: int, repeats: 
                              f"exactly {new_tokens} per row on both sides")
     for r in (jax_res, torch_res):
         r["tokens_per_s"] = batch * new_tokens / r["median_s"]
-    # Each of the new_tokens - 1 decode steps streams every (folded) LLM weight from memory once.
-    weight_bytes = sum(x.size * x.dtype.itemsize for path, x in jax.tree_util.tree_leaves_with_path(
-        setup.built.params["llm"]) if "lora" not in jax.tree_util.keystr(path))
     return dict(
         jax=jax_res, torch=torch_res, model_flops_per_call=flops.decode_flops(counts, batch, prompt_len, new_tokens, slots),
-        prefill_flops=flops.prefill_flops(counts, batch, prompt_len), llm_weight_bytes=int(weight_bytes),
+        prefill_flops=flops.prefill_flops(counts, batch, prompt_len), llm_weight_bytes=llm_weight_bytes(setup.built.params["llm"]),
         shape=dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens),
         # Informational: fp32 summation-order differences can flip a near-tie argmax, after which rows diverge.
         greedy_tokens_equal_fraction=float((a == b).mean()), greedy_rows_identical=int((a == b).all(1).sum()),

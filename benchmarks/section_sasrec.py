@@ -1,7 +1,7 @@
 """Section 3: one SASRec training epoch, rsllm_jax (models/sasrec.py + train/sasrec_step.py, jitted and
 sharded as train/sasrec_trainer.py does) vs a plain PyTorch SASRec of the same size.
 
-Both consume the same precomputed epoch of batches (SasrecTrainTransform's seq/pos/neg windows, one
+Both consume the same precomputed epoch of batches (SasrecWindows + SasrecNegatives seq/pos/neg windows, one
 sampled negative per position), so only the model, loss, backward and Adam update are timed; the
 data pipeline is not. Windows come from the real MovieLens split when it is available
 ($RSLLM_DATA_DIR), else from split-shaped synthetic records.
@@ -22,7 +22,7 @@ from benchmarks import flops, timing, workload
 from benchmarks.torch_sasrec import TorchSASRec
 from configs import sasrec as sasrec_config
 from rsllm_jax import sharding
-from rsllm_jax.data.sasrec_batches import SasrecTrainTransform
+from rsllm_jax.data.sasrec_batches import SasrecNegatives, SasrecWindows
 from rsllm_jax.data.splits import load_split_from_config
 from rsllm_jax.models.sasrec import SASRec, SASRecConfig
 from rsllm_jax.train.sasrec_step import train_step
@@ -43,11 +43,11 @@ def load_records(source: str, synthetic_samples: int, cfg) -> tuple[str, list[di
 
 def epoch_batches(records: list[dict], num_items: int, max_len: int, batch: int, seed: int = 0) -> list[dict]:
     """One epoch of {seq, pos, neg} int32 [batch, max_len] batches (drop remainder, as the trainer)."""
-    transform = SasrecTrainTransform(num_items, max_len)
+    windows, negatives = SasrecWindows(num_items, max_len), SasrecNegatives(num_items)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(records))
-    rows = [transform.random_map(records[i], rng) for i in order[: len(records) // batch * batch]]
-    return [{k: np.stack([r[k] for r in rows[s: s + batch]]) for k in ("seq", "pos", "neg")}
+    rows = [windows.map(records[i]) for i in order[: len(records) // batch * batch]]
+    return [negatives.random_map({k: np.stack([r[k] for r in rows[s: s + batch]]) for k in ("seq", "pos")}, rng)
             for s in range(0, len(rows), batch)]
 
 

@@ -7,6 +7,12 @@ example's random draws (negatives, candidates) depend only on (seed, global posi
 how many processes read the data. Mapping is lazy, so each process still only computes its own
 slice.
 
+An optional `batch_transform` runs on whole *global* batches (then each process keeps its rows
+p::process_count, the same examples the per-example path gives it). It is for work that is much
+cheaper vectorised over a batch than per example (SASRec's negative sampling); its rng is keyed by
+the global batch index, so its draws do not depend on the process count either. Every process
+computes the whole global batch there: fine for small arrays, not for LLM prompts.
+
 Evaluation: no shuffle, no repeat; the record list is padded to a whole number of *global*
 batches before slicing (so every process yields the same number of batches - a multi-host
 requirement) and every example carries a boolean `valid` (False on padding).
@@ -16,6 +22,7 @@ Iterators returned by `iter(ds)` support `get_state()` / `set_state()` and plug 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,14 +70,21 @@ def _apply(ds: grain.MapDataset, transform: Any, seed: int | None = None) -> gra
     return ds.map(transform)
 
 
+def _process_rows(process_index: int, process_count: int, batch: dict) -> dict:
+    return {k: v[process_index::process_count] for k, v in batch.items()}
+
+
 def train_dataset(records: Sequence[dict], transform: Callable | grain.transforms.Map
                   | grain.transforms.RandomMap, *, global_batch_size: int, seed: int,
                   num_epochs: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None, worker_count: int = 0) -> grain.IterDataset:
-    """Shuffled (reshuffled every epoch), repeated, per-process batches of `transform(record[, rng])`.
+                  process_count: int | None = None, worker_count: int = 0,
+                  batch_transform: Callable | grain.transforms.Map | grain.transforms.RandomMap
+                  | None = None) -> grain.IterDataset:
+    """Shuffled (reshuffled every epoch), repeated, per-process batches of `transform(record[, rng])`,
+    optionally followed by `batch_transform(global_batch[, rng])`.
 
     `num_epochs=None` repeats forever. Batches have a static size `global_batch_size //
-    process_count` (the last partial batch is dropped). `worker_count > 0` runs the transform in
+    process_count` (the last partial batch is dropped). `worker_count > 0` runs the transforms in
     Grain worker processes.
     """
     pi, pc = _process(process_index, process_count)
@@ -79,7 +93,12 @@ def train_dataset(records: Sequence[dict], transform: Callable | grain.transform
         raise ValueError("no training records")
     ds = grain.MapDataset.source(records).seed(seed).shuffle().repeat(num_epochs)
     ds = _apply(ds, transform)
-    ds = ds[pi::pc].batch(local, drop_remainder=True)
+    if batch_transform is None:
+        ds = ds[pi::pc].batch(local, drop_remainder=True)
+    else:
+        ds = _apply(ds.batch(global_batch_size, drop_remainder=True), batch_transform)
+        if pc > 1:
+            ds = ds.map(functools.partial(_process_rows, pi, pc))
     out = ds.to_iter_dataset()
     if worker_count > 0:
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

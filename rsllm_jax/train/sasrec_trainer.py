@@ -94,7 +94,8 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
     eval_fn = jax.jit(functools.partial(eval_scores, model))
 
     train_ds = pipeline.train_dataset(
-        split.train, sasrec_batches.SasrecTrainTransform(split.num_items, mcfg.max_len),
+        split.train, sasrec_batches.SasrecWindows(split.num_items, mcfg.max_len),
+        batch_transform=sasrec_batches.SasrecNegatives(split.num_items),
         global_batch_size=bs, seed=cfg.seed, worker_count=cfg.data.grain_workers,
     )
     data_iter = iter(train_ds)

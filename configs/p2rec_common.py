@@ -10,7 +10,9 @@ from configs import base
 def add_p2rec(c):
     p = c.p2rec = ml_collections.ConfigDict()
     p.sasrec_dir = ""  # pretrained SASRec (stage-0 run dir); "" -> <workdir>/../sasrec-<dataset>
-    p.reconstruct_dir = ""  # reconstruction run dir (augment reads its LoRA); "" -> <workdir>/../p2rec_reconstruct-<dataset>
+    # reconstruction run dir (augment reads its LoRA); "" -> <workdir>/../p2rec_reconstruct-<dataset>;
+    # "none" -> embed items with the pretrained LLM (ablation: augmentation without reconstruction)
+    p.reconstruct_dir = ""
     p.build_missing = True  # train SASRec / run the reconstruction first when their checkpoints are missing
     # ---- information reconstruction ----
     p.num_categories = 32  # K latent categories: k-means over SASRec's item table

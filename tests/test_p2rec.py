@@ -244,6 +244,10 @@ def test_item_embeddings_are_cached_and_reused(reconstructed, monkeypatch):
     c.p2rec.item_prompt = "Title: {title}."  # another prompt -> other embeddings
     third, info3 = augment.item_embeddings_cached(c, work, titles, llm=llm)
     assert len(calls) == 2 and not info3["reused"] and third[0, 0] == 2
+    c.p2rec.reconstruct_dir = augment.NO_RECONSTRUCTION  # the ablation: the pretrained LLM, no LoRA
+    fourth, info4 = augment.item_embeddings_cached(c, work, titles, llm=llm)
+    assert len(calls) == 3 and calls[-1] == [] and not info4["reused"] and fourth[0, 0] == 3
+    assert info4["reconstruct_dir"] == "none" and info4["reconstruct_step"] == -1
 
 
 def test_compare_table_lists_base_once():
@@ -253,8 +257,10 @@ def test_compare_table_lists_base_once():
                                                                        cold=dict(n=1, hr1_cand=1.0, hr10=1.0,
                                                                                  ndcg10=0.5))))
     r2 = dict(r, p2rec=dict(r["p2rec"], info=dict(reduce="pca", mode="init")))
-    table = compare.markdown_table([r, r2])
+    r3 = dict(r, p2rec=dict(r["p2rec"], info=dict(reduce="pca", mode="init", llm="pretrained")))
+    table = compare.markdown_table([r, r2, r3])
     assert table.count("| ml | SASRec |") == 1 and "(pca, add)" in table and "(pca, init)" in table
+    assert "(pca, init, pretrained LLM)" in table
     assert "| 0.5000 |" in table and "| - |" in table
 
 

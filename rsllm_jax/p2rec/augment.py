@@ -52,6 +52,7 @@ REDUCE = ("pca", "learned")
 MODES = ("init", "add")
 BASES = ("sasrec_dir", "retrain")
 CACHE_NAME = "llm_item_embeddings"
+NO_RECONSTRUCTION = "none"  # config.p2rec.reconstruct_dir value: embed with the pretrained LLM (ablation)
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -189,10 +190,13 @@ def embed_items_with_llm(cfg, titles: Sequence[str], lora: dict, *, llm=None) ->
 def item_embeddings_cached(cfg, workdir: str, titles: Sequence[str], *, llm=None) -> tuple[np.ndarray, dict]:
     """<workdir>/llm_item_embeddings.npy, recomputed only when the reconstruction checkpoint, the LLM or the
     item prompt changed (the fingerprint in the .json sidecar)."""
-    rdir = sibling_dir(cfg.p2rec.reconstruct_dir, workdir, f"p2rec_reconstruct-{cfg.data.dataset}")
-    trained, step = restore_subtree(rdir, "trainable")
-    flat = traverse_util.flatten_dict(trained, sep="/")
-    lora = traverse_util.unflatten_dict({k: v for k, v in flat.items() if re.fullmatch(LORA_REGEX, k)}, sep="/")
+    if cfg.p2rec.reconstruct_dir == NO_RECONSTRUCTION:  # the ablation: no preference-parsing SFT
+        rdir, lora, step = NO_RECONSTRUCTION, {}, -1
+    else:
+        rdir = sibling_dir(cfg.p2rec.reconstruct_dir, workdir, f"p2rec_reconstruct-{cfg.data.dataset}")
+        trained, step = restore_subtree(rdir, "trainable")
+        flat = traverse_util.flatten_dict(trained, sep="/")
+        lora = traverse_util.unflatten_dict({k: v for k, v in flat.items() if re.fullmatch(LORA_REGEX, k)}, sep="/")
     fp = _lora_fingerprint(cfg, lora, step, titles)
     path, meta_path = (os.path.join(workdir, CACHE_NAME + ext) for ext in (".npy", ".json"))
     if os.path.exists(path) and os.path.exists(meta_path):
@@ -204,7 +208,8 @@ def item_embeddings_cached(cfg, workdir: str, titles: Sequence[str], *, llm=None
         logging.info("p2rec: %s is stale (fingerprint %s != %s); recomputing", path, meta.get("fingerprint"), fp)
     t0 = time.time()
     emb = embed_items_with_llm(cfg, titles, lora, llm=llm)
-    meta = dict(fingerprint=fp, reconstruct_dir=os.path.abspath(rdir), reconstruct_step=step, shape=list(emb.shape),
+    meta = dict(fingerprint=fp, reconstruct_dir=rdir if rdir == NO_RECONSTRUCTION else os.path.abspath(rdir),
+                reconstruct_step=step, shape=list(emb.shape),
                 seconds=round(time.time() - t0, 1))
     if is_writer():
         os.makedirs(workdir, exist_ok=True)
@@ -230,7 +235,7 @@ def _base_params(cfg, workdir: str, split: SplitData, reconstruct_dir: str) -> t
                                                             config_matches=True)
     run_dir = cfg.p2rec.sasrec_dir
     recorded = os.path.join(reconstruct_dir, "results.json")
-    if not run_dir and os.path.exists(recorded):
+    if not run_dir and reconstruct_dir != NO_RECONSTRUCTION and os.path.exists(recorded):
         with open(recorded) as f:
             run_dir = json.load(f).get("sasrec_dir", "")
     run_dir = sibling_dir(run_dir, workdir, f"sasrec-{cfg.data.dataset}")
@@ -256,8 +261,10 @@ def run_augment(cfg, workdir: str, *, llm=None) -> dict:
     p = cfg.p2rec
     os.makedirs(workdir, exist_ok=True)
     split = load_split_from_config(cfg.data)
-    rdir = sibling_dir(p.reconstruct_dir, workdir, f"p2rec_reconstruct-{cfg.data.dataset}")
-    if not has_checkpoint(rdir):
+    untuned = p.reconstruct_dir == NO_RECONSTRUCTION
+    rdir = NO_RECONSTRUCTION if untuned else sibling_dir(p.reconstruct_dir, workdir,
+                                                         f"p2rec_reconstruct-{cfg.data.dataset}")
+    if not untuned and not has_checkpoint(rdir):
         if not p.build_missing:
             raise FileNotFoundError(f"no reconstruction checkpoint in {rdir}: run configs/p2rec_reconstruct.py into it "
                                     "or set config.p2rec.reconstruct_dir")
@@ -288,7 +295,8 @@ def run_augment(cfg, workdir: str, *, llm=None) -> dict:
     for name, params in (("base", base_params), ("p2rec", aug_params)):
         models[name] = {s: evaluate(params, getattr(split, s)) for s in ("val", "test")}
     models["base"]["info"] = base_info
-    models["p2rec"]["info"] = dict(reduce=p.reduce, mode=p.mode, run_dir=os.path.abspath(aug_dir),
+    models["p2rec"]["info"] = dict(reduce=p.reduce, mode=p.mode, llm="pretrained" if untuned else "reconstruction-tuned",
+                                   run_dir=os.path.abspath(aug_dir),
                                    best_epoch=aug_train.get("best_epoch"), **tables["info"])
     results = dict(
         stage="p2rec_augment", dataset=split.dataset, base=models["base"], p2rec=models["p2rec"],

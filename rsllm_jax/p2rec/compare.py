@@ -36,7 +36,8 @@ def markdown_table(results: Sequence[dict], split: str = "test") -> str:
             seen_base.add(base_key)
             lines.append("| " + " | ".join(_row(r["dataset"], "SASRec", r["base"][split])) + " |")
         info = r["p2rec"]["info"]
-        label = f"SASRec + P2Rec ({info.get('reduce')}, {info.get('mode')})"
+        untuned = ", pretrained LLM" if info.get("llm") == "pretrained" else ""
+        label = f"SASRec + P2Rec ({info.get('reduce')}, {info.get('mode')}{untuned})"
         lines.append("| " + " | ".join(_row(r["dataset"], label, r["p2rec"][split])) + " |")
     return "\n".join(lines)
 

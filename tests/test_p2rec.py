@@ -205,6 +205,9 @@ def test_augment_end_to_end_writes_results(reconstructed):
             m = saved[model][split]
             assert m["n"] == 6 and 0.0 <= m["hr1_cand"] <= 1.0 and 0.0 <= m["hr10"] <= 1.0
             assert {"n", "hr1_cand", "hr10", "ndcg10"} <= set(m["cold"])
+            rows = m["per_row"]
+            assert len(rows["hit1"]) == len(rows["rank"]) == 6 and np.mean(rows["hit1"]) == pytest.approx(m["hr1_cand"])
+            assert sum(rows["cold"]) == m["cold"]["n"]
     # The base evaluation reproduces stage 0's own test numbers; the cold rows are those with cold targets.
     for k in ("hr1_cand", "hr10", "ndcg10"):
         assert saved["base"]["test"][k] == pytest.approx(sasrec["test"][k])
@@ -248,6 +251,24 @@ def test_item_embeddings_are_cached_and_reused(reconstructed, monkeypatch):
     fourth, info4 = augment.item_embeddings_cached(c, work, titles, llm=llm)
     assert len(calls) == 3 and calls[-1] == [] and not info4["reused"] and fourth[0, 0] == 3
     assert info4["reconstruct_dir"] == "none" and info4["reconstruct_step"] == -1
+
+
+def test_pooled_metrics_weight_by_rows():
+    val = dict(n=3, hr1_cand=1 / 3, hr10=None, ndcg10=0.3, cold=dict(n=0, hr1_cand=None, hr10=None, ndcg10=None))
+    test = dict(n=1, hr1_cand=1.0, hr10=0.0, ndcg10=0.7, cold=dict(n=1, hr1_cand=1.0, hr10=0.0, ndcg10=0.7))
+    both = compare.pooled(val, test)
+    assert both["n"] == 4 and both["hr1_cand"] == pytest.approx(0.5)  # 2 hits of 4 rows
+    assert both["ndcg10"] == pytest.approx((0.9 + 0.7) / 4) and both["hr10"] == 0.0  # None parts are skipped
+    assert both["cold"] == dict(n=1, hr1_cand=1.0, hr10=0.0, ndcg10=0.7)
+
+
+def test_sign_test_counts_discordant_rows():
+    won, lost, p = compare.sign_test([1, 0, 0, 1, 0, 0], [1, 1, 1, 0, 1, 0])
+    assert (won, lost) == (3, 1) and p == pytest.approx(2 * (1 + 4) / 16)  # 2 * P(X <= 1), X ~ Bin(4, 1/2)
+    assert compare.sign_test([1, 0], [1, 0]) == (0, 0, 1.0)
+    assert compare.sign_test([0] * 10, [1] * 10)[2] == pytest.approx(2 / 2 ** 10)
+    with pytest.raises(ValueError, match="same rows"):
+        compare.sign_test([1], [1, 0])
 
 
 def test_compare_table_lists_base_once():

@@ -155,7 +155,9 @@ def evaluate_sasrec(params, records: Sequence[dict], cold_items: np.ndarray, mes
             seen[index["row"][ok]] = True
     assert seen.all(), "evaluation missed rows"
     cold = np.asarray([cold_items[int(r["target"])] for r in records], bool)
-    return dict(summarize(hit1, ranks), cold=summarize(hit1, ranks, cold))
+    # per_row: what a paired test between two models on the same rows needs (p2rec.compare.sign_test).
+    return dict(summarize(hit1, ranks), cold=summarize(hit1, ranks, cold),
+                per_row=dict(hit1=hit1.astype(int).tolist(), rank=ranks.tolist(), cold=cold.astype(int).tolist()))
 
 
 # ---------------------------------------------------------------- LLM item embeddings (cached)

@@ -1,17 +1,18 @@
 """SASRec vs SASRec + P2Rec as a markdown table, from one or more p2rec_augment results.json files.
 
 python -m rsllm_jax.p2rec.compare runs/p2rec_augment-movielens/results.json runs/p2rec_augment-lastfm/results.json
-    [--split=test] [--out=results/p2rec/comparison.md]
+    [--split=test|val|val+test] [--out=results/p2rec/comparison.md]
 """
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 
 from absl import app, flags
 
 COLUMNS = ("dataset", "model", "n", "HR@1 (20 cand)", "HR@10", "NDCG@10",
-           "cold n", "cold HR@1", "cold HR@10", "cold NDCG@10")
+           "cold n", "cold HR@1", "cold HR@10", "cold NDCG@10", "HR@1 vs SASRec: rows won/lost (sign-test p)")
 
 
 def _fmt(v) -> str:
@@ -22,8 +23,57 @@ def _fmt(v) -> str:
 
 def _row(dataset: str, label: str, m: dict) -> list[str]:
     cold = m.get("cold", {})
-    return [dataset, label] + [_fmt(m.get(k)) for k in ("n", "hr1_cand", "hr10", "ndcg10")] + \
-        [_fmt(cold.get(k)) for k in ("n", "hr1_cand", "hr10", "ndcg10")]
+    return [dataset, label] + [_fmt(m.get(k)) for k in ("n",) + METRICS] + [_fmt(cold.get(k)) for k in ("n",) + METRICS]
+
+
+METRICS = ("hr1_cand", "hr10", "ndcg10")
+SPLITS = ("val", "test", "val+test")
+
+
+def pooled(a: dict, b: dict) -> dict:
+    """Metrics of two disjoint row sets as one (each metric is a mean over rows: weight by n), recursing
+    into the cold breakdown. Pooling val and test halves the noise of a 95-row test set; no model
+    selection reads the pooled number (the best epoch is chosen on val alone)."""
+    n = (a.get("n") or 0) + (b.get("n") or 0)
+    out = dict(n=n)
+    for k in METRICS:
+        parts = [(m[k], m["n"]) for m in (a, b) if m.get("n") and m.get(k) is not None]
+        out[k] = sum(v * w for v, w in parts) / sum(w for _, w in parts) if parts else None
+    if "cold" in a or "cold" in b:
+        out["cold"] = pooled(a.get("cold", {}), b.get("cold", {}))
+    return out
+
+
+def split_metrics(model: dict, split: str) -> dict:
+    return pooled(model["val"], model["test"]) if split == "val+test" else model[split]
+
+
+def row_hits(model: dict, split: str) -> list[int] | None:
+    """Per-row HR@1 hits (val then test for val+test); None for results written before they were kept."""
+    parts = ("val", "test") if split == "val+test" else (split,)
+    if not all("per_row" in model[s] for s in parts):
+        return None
+    return [h for s in parts for h in model[s]["per_row"]["hit1"]]
+
+
+def sign_test(base: Sequence[int], new: Sequence[int]) -> tuple[int, int, float]:
+    """Paired comparison of two models' hits on the same rows -> (rows only `new` hits, rows only `base`
+    hits, two-sided exact sign-test p-value over those discordant rows)."""
+    if len(base) != len(new):
+        raise ValueError(f"paired test needs the same rows: {len(base)} vs {len(new)}")
+    won = sum(1 for b, n in zip(base, new) if n and not b)
+    lost = sum(1 for b, n in zip(base, new) if b and not n)
+    m = won + lost
+    tail = sum(math.comb(m, i) for i in range(min(won, lost) + 1)) / 2 ** m if m else 1.0
+    return won, lost, min(1.0, 2 * tail)
+
+
+def _paired(r: dict, split: str) -> str:
+    base, new = row_hits(r["base"], split), row_hits(r["p2rec"], split)
+    if base is None or new is None:
+        return "-"
+    won, lost, p = sign_test(base, new)
+    return f"{won}/{lost} (p={p:.2f})"
 
 
 def markdown_table(results: Sequence[dict], split: str = "test") -> str:
@@ -34,11 +84,12 @@ def markdown_table(results: Sequence[dict], split: str = "test") -> str:
         base_key = (r["dataset"], r["base"]["info"].get("run_dir"))
         if base_key not in seen_base:
             seen_base.add(base_key)
-            lines.append("| " + " | ".join(_row(r["dataset"], "SASRec", r["base"][split])) + " |")
+            lines.append("| " + " | ".join(_row(r["dataset"], "SASRec", split_metrics(r["base"], split)) + ["-"]) + " |")
         info = r["p2rec"]["info"]
         untuned = ", pretrained LLM" if info.get("llm") == "pretrained" else ""
         label = f"SASRec + P2Rec ({info.get('reduce')}, {info.get('mode')}{untuned})"
-        lines.append("| " + " | ".join(_row(r["dataset"], label, r["p2rec"][split])) + " |")
+        lines.append("| " + " | ".join(_row(r["dataset"], label, split_metrics(r["p2rec"], split)) + [_paired(r, split)])
+                     + " |")
     return "\n".join(lines)
 
 
@@ -65,6 +116,6 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     # Defined here, not at import: run_augment imports this module next to other CLIs' flags.
-    flags.DEFINE_enum("split", "test", ["val", "test"], "Which split's metrics to tabulate.")
+    flags.DEFINE_enum("split", "test", list(SPLITS), "Which split's metrics to tabulate (val+test: both pooled).")
     flags.DEFINE_string("out", None, "Also write the table to this file.")
     app.run(main)

@@ -183,6 +183,7 @@ def test_reconstruct_trains_one_example_per_user(reconstructed):
     work = root / "p2rec_reconstruct-custom"
     assert res["train_users"] == 48 and res["num_categories"] == 4 and sum(res["category_sizes"]) == 30
     assert np.isfinite(res["val"]["kl"]) and res["val"]["n"] == 6
+    assert 0.0 <= res["val_baselines"]["top1_agree_train_mean"] <= 1.0 and res["val_baselines"]["kl_uniform"] > 0
     cats = np.load(work / "categories.npz")
     assert cats["assignments"].shape == (30,) and cats["centroids"].shape == (4, 16)
     logged = [json.loads(line) for line in open(work / "metrics.jsonl")]

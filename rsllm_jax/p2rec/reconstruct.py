@@ -327,7 +327,8 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
     # Reference points: predicting uniform, or every user's prior as the mean training prior.
     mean_prior = np.log(np.maximum(train_prior.mean(0), 1e-12))
     baselines = dict(kl_uniform=float(kl_to_prior(val_prior, np.zeros_like(val_prior))),
-                     kl_train_mean=float(kl_to_prior(val_prior, np.broadcast_to(mean_prior, val_prior.shape))))
+                     kl_train_mean=float(kl_to_prior(val_prior, np.broadcast_to(mean_prior, val_prior.shape))),
+                     top1_agree_train_mean=float(np.mean(val_prior.argmax(-1) == mean_prior.argmax())))
     results = dict(
         stage="p2rec_reconstruct", dataset=split.dataset, sasrec_dir=os.path.abspath(sasrec_dir),
         num_categories=num_cat, category_sizes=sizes.tolist(), user_sequence=p.user_sequence,

@@ -48,5 +48,6 @@ def get_config(stage: str):
     c.train.grad_accum_steps = 8
     c.train.num_epochs = 1.0
     c.train.checkpoint_every_steps = 5
-    c.log_every_steps = 1
+    if stage == "p2rec_reconstruct":  # ~25 optimizer steps: log each; augment's SASRec keeps the base cadence
+        c.log_every_steps = 1
     return c

@@ -303,3 +303,11 @@ def _split(c):
     from rsllm_jax.data.splits import load_split_from_config
 
     return load_split_from_config(c.data)
+
+
+def test_augment_keeps_the_sasrec_logging_cadence():
+    """Logging every step is for the ~25-step reconstruction; the augmented SASRec trains ~20k steps."""
+    from configs import base, p2rec_common
+
+    assert p2rec_common.get_config("p2rec_reconstruct").log_every_steps == 1
+    assert p2rec_common.get_config("p2rec_augment").log_every_steps == base.get_config().log_every_steps

@@ -396,7 +396,7 @@ def plot_curves(run: Run, dataset: str) -> str | None:
     if os.path.exists(out) and os.path.getmtime(out) >= os.path.getmtime(metrics):
         return out
     try:
-        # Imported here: rsllm_jax.plot defines absl flags at import, which the driver does not need.
+        # Imported here: only a run that has metrics needs it.
         from rsllm_jax.plot import plot, read_metrics
 
         series = read_metrics(metrics)

@@ -11,9 +11,6 @@ import os
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.", required=True)
-_OUT = flags.DEFINE_string("out", "", "PNG path (default <workdir>/curves.png).")
-
 SKIP = {"step", "epoch", "n", "wall_time_s"}
 
 
@@ -64,15 +61,18 @@ def plot(series: dict, out: str, title: str) -> str:
 
 def main(argv) -> None:
     del argv
-    path = os.path.join(_WORKDIR.value, "metrics.jsonl")
+    workdir, out = flags.FLAGS.workdir, flags.FLAGS.out
+    path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise app.UsageError(f"{path} not found: --workdir must be a run directory")
     series = read_metrics(path)
     if not series:
         raise app.UsageError(f"{path} has no numeric series to plot")
-    out = plot(series, _OUT.value or os.path.join(_WORKDIR.value, "curves.png"), _WORKDIR.value)
-    print(out)
+    print(plot(series, out or os.path.join(workdir, "curves.png"), workdir))
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: the experiment driver and p2rec.compare import this module's functions.
+    flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.", required=True)
+    flags.DEFINE_string("out", "", "PNG path (default <workdir>/curves.png).")
     app.run(main)

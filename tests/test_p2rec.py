@@ -223,6 +223,8 @@ def test_augment_end_to_end_writes_results(reconstructed):
     expected = augment.augmentation_tables(emb, 16, "pca", "add")["side_table"]
     np.testing.assert_array_equal(params["side_table"][:30], expected)
     assert os.path.exists(work / "sasrec_p2rec" / "item_embeddings.npy")
+    png = compare.plot_val_curves([res], str(work / "val_curves.png"))  # base vs augmented, from metrics.jsonl
+    assert open(png, "rb").read(4) == b"\x89PNG"
     table = (work / "comparison.md").read_text()
     assert "SASRec + P2Rec (pca, add)" in table and table.count("\n") == 4
     assert 0.0 < res["p2rec"]["info"]["explained_variance"] <= 1.0 + 1e-6

@@ -20,3 +20,14 @@ def test_bad_line_names_file_and_line(tmp_path):
     p.write_text('{"step": 1, "loss": 1}\nnot json\n')
     with pytest.raises(ValueError, match="line 2"):
         read_metrics(str(p))
+
+
+def test_cli_writes_curves_png(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n{"step": 2, "loss": 1}\n')
+    out = subprocess.run([sys.executable, "-m", "rsllm_jax.plot", f"--workdir={tmp_path}"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert open(tmp_path / "curves.png", "rb").read(4) == b"\x89PNG"

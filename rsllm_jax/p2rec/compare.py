@@ -1,12 +1,13 @@
 """SASRec vs SASRec + P2Rec as a markdown table, from one or more p2rec_augment results.json files.
 
 python -m rsllm_jax.p2rec.compare runs/p2rec_augment-movielens/results.json runs/p2rec_augment-lastfm/results.json
-    [--split=test|val|val+test] [--out=results/p2rec/comparison.md]
+    [--split=test|val|val+test] [--out=results/p2rec/comparison.md] [--plot=docs/img/p2rec_val_curves.png]
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -85,12 +86,50 @@ def markdown_table(results: Sequence[dict], split: str = "test") -> str:
         if base_key not in seen_base:
             seen_base.add(base_key)
             lines.append("| " + " | ".join(_row(r["dataset"], "SASRec", split_metrics(r["base"], split)) + ["-"]) + " |")
-        info = r["p2rec"]["info"]
-        untuned = ", pretrained LLM" if info.get("llm") == "pretrained" else ""
-        label = f"SASRec + P2Rec ({info.get('reduce')}, {info.get('mode')}{untuned})"
-        lines.append("| " + " | ".join(_row(r["dataset"], label, split_metrics(r["p2rec"], split)) + [_paired(r, split)])
+        lines.append("| " + " | ".join(_row(r["dataset"], _label(r), split_metrics(r["p2rec"], split)) + [_paired(r, split)])
                      + " |")
     return "\n".join(lines)
+
+
+def _label(r: dict) -> str:
+    info = r["p2rec"]["info"]
+    untuned = ", pretrained LLM" if info.get("llm") == "pretrained" else ""
+    return f"SASRec + P2Rec ({info.get('reduce')}, {info.get('mode')}{untuned})"
+
+
+def plot_val_curves(results: Sequence[dict], out: str, metrics=("val/hr1_cand", "val/ndcg10")) -> str:
+    """Validation curves (every evaluation epoch) of the base SASRec and each augmented one, one panel per
+    (dataset, metric), read from the runs' metrics.jsonl (`info.run_dir`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rsllm_jax.plot import read_metrics
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(5 * len(metrics), 3.2 * len(datasets)),
+                             squeeze=False)
+    for row, dataset in enumerate(datasets):
+        curves = {}
+        for r in (r for r in results if r["dataset"] == dataset):
+            curves.setdefault("SASRec", r["base"]["info"]["run_dir"])
+            curves[_label(r)] = r["p2rec"]["info"]["run_dir"]
+        for col, metric in enumerate(metrics):
+            ax = axes[row, col]
+            for label, run_dir in curves.items():
+                series = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+                steps, values = series.get(metric, ([], []))
+                ax.plot(steps, values, marker="o", ms=3, label=label)
+            ax.set_title(f"{dataset}: {metric}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        axes[row, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def load_results(paths: Sequence[str]) -> list[dict]:
@@ -112,10 +151,13 @@ def main(argv) -> None:
         with open(flags.FLAGS.out, "w") as f:
             f.write(table + "\n")
     print(table)
+    if flags.FLAGS.plot:
+        print(plot_val_curves(load_results(argv[1:]), flags.FLAGS.plot))
 
 
 if __name__ == "__main__":
     # Defined here, not at import: run_augment imports this module next to other CLIs' flags.
     flags.DEFINE_enum("split", "test", list(SPLITS), "Which split's metrics to tabulate (val+test: both pooled).")
     flags.DEFINE_string("out", None, "Also write the table to this file.")
+    flags.DEFINE_string("plot", None, "Also plot the runs' validation curves (base vs augmented) to this PNG.")
     app.run(main)

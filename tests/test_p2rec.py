@@ -48,6 +48,27 @@ def test_sasrec_priors_match_a_numpy_softmax():
         assert abs(row.sum() - 1.0) < 1e-5
 
 
+def test_temperature_calibration_picks_the_nll_minimum():
+    """Targets drawn from SASRec's own softmax at T = 3 -> calibration lands near 3 (grid step ~1.26x), the
+    NLL table agrees with a numpy evaluation, and sharper T means lower entropy."""
+    model = SASRec(SASRecConfig(num_items=12, hidden=8, dropout=0.0))
+    params = jax.tree.map(np.asarray, model.init(jax.random.key(1), jnp.zeros((1, 10), jnp.int32))["params"])
+    params = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, params)  # sharper logits than at init
+    rng = np.random.default_rng(0)
+    histories = [rng.choice(12, size=int(rng.integers(1, 8)), replace=False).tolist() for _ in range(2000)]
+    assign = np.arange(12)  # one item per category: the category prior is the item softmax
+    true_t = 3.0
+    probs = reconstruct.sasrec_priors(params, histories, assign, 12, temperature=true_t)
+    targets = [int(rng.choice(12, p=p / p.sum())) for p in probs]
+    t, table = reconstruct.calibrate_temperature(params, histories, targets, assign, 12)
+    assert true_t / 1.6 < t < true_t * 1.6
+    row = min(table, key=lambda r: abs(r["temperature"] - 1.0))
+    p1 = reconstruct.sasrec_priors(params, histories, assign, 12, temperature=row["temperature"])
+    assert row["nll"] == pytest.approx(-np.mean(np.log(p1[np.arange(2000), targets])), rel=1e-4)
+    entropies = [r["mean_entropy"] for r in table]
+    assert all(a <= b + 1e-6 for a, b in zip(entropies, entropies[1:]))  # hotter -> flatter
+
+
 def test_kmeans_is_deterministic_and_assigns_nearest_centroid():
     rng = np.random.default_rng(1)
     centers = rng.normal(scale=10.0, size=(3, 5))
@@ -174,6 +195,7 @@ def reconstructed(tmp_path_factory):
     sasrec = train_sasrec(c0, str(root / "sasrec-custom"))
     c = _data(tiny.get_p2rec_config("p2rec_reconstruct"), root)
     c.p2rec.sasrec_dir = str(root / "sasrec-custom")
+    c.p2rec.prior_temperature = 0.0  # calibrated
     res = reconstruct.run_reconstruct(c, str(root / "p2rec_reconstruct-custom"), llm=llm)
     return root, llm, sasrec, res
 
@@ -184,6 +206,10 @@ def test_reconstruct_trains_one_example_per_user(reconstructed):
     assert res["train_users"] == 48 and res["num_categories"] == 4 and sum(res["category_sizes"]) == 30
     assert np.isfinite(res["val"]["kl"]) and res["val"]["n"] == 6
     assert 0.0 <= res["val_baselines"]["top1_agree_train_mean"] <= 1.0 and res["val_baselines"]["kl_uniform"] > 0
+    calib = res["temperature_calibration"]
+    assert len(calib) == len(reconstruct.CALIBRATION_GRID) and res["prior_temperature"] in reconstruct.CALIBRATION_GRID
+    assert min(r["nll"] for r in calib) == next(r["nll"] for r in calib if r["temperature"] == res["prior_temperature"])
+    assert 0.0 <= res["prior_mean_entropy"]["train"] <= np.log(4) + 1e-6
     cats = np.load(work / "categories.npz")
     assert cats["assignments"].shape == (30,) and cats["centroids"].shape == (4, 16)
     logged = [json.loads(line) for line in open(work / "metrics.jsonl")]

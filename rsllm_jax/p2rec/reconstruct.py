@@ -157,24 +157,59 @@ def sasrec_priors(params, sequences: Sequence[Sequence[int]], assignments: np.nd
                   temperature: float = 1.0, batch_size: int = 256) -> np.ndarray:
     """Category priors [U, K] from SASRec's next-item softmax after each sequence (one device: SASRec is small)."""
     if temperature <= 0:
-        raise ValueError(f"config.p2rec.prior_temperature must be > 0, got {temperature}")
+        raise ValueError(f"config.p2rec.prior_temperature must be > 0 (or 0 = calibrated), got {temperature}")
     mcfg = sasrec_config_from_params(params)
-    model = SASRec(mcfg)
-    assign = jnp.asarray(assignments, jnp.int32)
-
-    @jax.jit
-    def prior(p, seq):
-        states = model.apply({"params": p}, seq)[:, -1]
-        logits = model.apply({"params": p}, states, method=SASRec.score_all)
-        return category_prior(jax.nn.softmax(logits / temperature, axis=-1), assign, num_categories)
-
     seqs = np.stack([left_pad(s, mcfg.max_len, mcfg.pad_id) for s in sequences])
+    fn = _prior_fn(mcfg, num_categories)
+    assign = jnp.asarray(assignments, jnp.int32)
     out = []
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start:start + batch_size]
         pad = batch_size - len(chunk)  # one compiled shape
-        out.append(np.asarray(prior(params, np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])))[: len(chunk)])
+        batch = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+        out.append(np.asarray(fn(params, batch, assign, jnp.float32(temperature)))[: len(chunk)])
     return np.concatenate(out).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _prior_fn(mcfg, num_categories: int):
+    """Jitted (params, seq, assignments, temperature) -> category priors; the temperature is traced, so a
+    calibration sweep compiles once."""
+    model = SASRec(mcfg)
+
+    @jax.jit
+    def prior(p, seq, assign, temperature):
+        states = model.apply({"params": p}, seq)[:, -1]
+        logits = model.apply({"params": p}, states, method=SASRec.score_all)
+        return category_prior(jax.nn.softmax(logits / temperature, axis=-1), assign, num_categories)
+    return prior
+
+
+CALIBRATION_GRID = tuple(float(t) for t in np.geomspace(0.1, 100.0, 31))
+
+
+def calibrate_temperature(params, histories: Sequence[Sequence[int]], targets: Sequence[int],
+                          assignments: np.ndarray, num_categories: int,
+                          grid: Sequence[float] = CALIBRATION_GRID) -> tuple[float, list[dict]]:
+    """Temperature scaling of SASRec's logits for the category prior: the T on `grid` that minimises the
+    negative log-likelihood of the observed next item's category, -log prior_T(cat(target) | history).
+
+    Why: a BCE-trained SASRec's logits have no softmax scale; at T = 1 its next-item softmax can be almost
+    one-hot (then every prior is one category and KL(prior || q) punishes any hedging)."""
+    cats = np.asarray(assignments)[np.asarray(targets, np.int64)]
+    table = []
+    for t in grid:
+        priors = sasrec_priors(params, histories, assignments, num_categories, t)
+        hit = priors[np.arange(len(cats)), cats]
+        entropy = -(priors * np.log(np.maximum(priors, 1e-12))).sum(1)
+        table.append(dict(temperature=t, nll=float(-np.mean(np.log(np.maximum(hit, 1e-12)))),
+                          mean_entropy=float(entropy.mean())))
+    best = min(table, key=lambda row: row["nll"])
+    return best["temperature"], table
+
+
+def _mean_entropy(priors: np.ndarray) -> float:
+    return float(np.mean(-(priors * np.log(np.maximum(priors, 1e-12))).sum(1)))
 
 
 def load_sasrec(cfg, workdir: str):
@@ -222,8 +257,16 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
     n_all_users = len(train_users)
     train_users = subsample(train_users, p.max_users, cfg.seed)
     val_users = [(str(r.get("user", i)), list(r["history"])[-cfg.data.max_history:]) for i, r in enumerate(split.val)]
-    train_prior = sasrec_priors(sasrec_params, [s for _, s in train_users], assign, num_cat, p.prior_temperature)
-    val_prior = sasrec_priors(sasrec_params, [s for _, s in val_users], assign, num_cat, p.prior_temperature)
+    temperature, calibration = p.prior_temperature, None
+    if temperature == 0:  # calibrate on every training user's last window (history -> its target)
+        windows = [s for _, s in user_sequences(split.train, "full", cfg.data.max_history + 1)]
+        temperature, calibration = calibrate_temperature(sasrec_params, [w[:-1] for w in windows],
+                                                         [w[-1] for w in windows], assign, num_cat)
+        logging.info("p2rec reconstruct: calibrated prior temperature %.3g (category NLL %.4f; T=1: %.4f)",
+                     temperature, min(r["nll"] for r in calibration),
+                     min(calibration, key=lambda r: abs(math.log(r["temperature"])))["nll"])
+    train_prior = sasrec_priors(sasrec_params, [s for _, s in train_users], assign, num_cat, temperature)
+    val_prior = sasrec_priors(sasrec_params, [s for _, s in val_users], assign, num_cat, temperature)
     logging.info("p2rec reconstruct: %d categories (sizes %d..%d), %d of %d train users, %d val users", num_cat,
                  sizes.min(), sizes.max(), len(train_users), n_all_users, len(val_users))
 
@@ -334,6 +377,8 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
         num_categories=num_cat, category_sizes=sizes.tolist(), user_sequence=p.user_sequence,
         train_users=n_train, train_users_available=n_all_users, steps=total_steps,
         best_step=best_step if best_step is not None else int(state.step), val=val, val_baselines=baselines,
+        prior_temperature=temperature, temperature_calibration=calibration,
+        prior_mean_entropy=dict(train=_mean_entropy(train_prior), val=_mean_entropy(val_prior)),
         wall_time_s=round(time.time() - t_start, 1),
     )
     write_json_atomic(os.path.join(workdir, "results.json"), results)

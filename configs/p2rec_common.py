@@ -22,6 +22,7 @@ def add_p2rec(c):
     # predicts the category of each training user's observed next item. BCE logits have no softmax scale:
     # at T = 1 the MovieLens/LastFM priors were near one-hot (entropy 0.04 nats) and predicted the next
     # item's category worse than uniform (NLL 4.08/6.76 vs log 32 = 3.47); calibrated T = 3.16 gives 1.30/2.39
+    # (results/p2rec/<dataset>/calibration.md, from `python -m rsllm_jax.p2rec.calibrate`)
     p.prior_temperature = 0.0
     p.user_sequence = "full"  # full: last training window's history + target | history: the history only
     p.max_users = 0  # 0 = every training user; else a seeded subsample (CPU-sized runs)

@@ -219,6 +219,18 @@ def test_reconstruct_trains_one_example_per_user(reconstructed):
     assert set(trained) == {"llm", "p2rec_head"}  # LoRA + head, nothing else
 
 
+def test_calibration_cli_matches_the_reconstruction_run(reconstructed):
+    from rsllm_jax.p2rec import calibrate
+
+    root, _, _, res = reconstructed
+    c = _data(tiny.get_p2rec_config("p2rec_reconstruct"), root)
+    c.p2rec.sasrec_dir = str(root / "sasrec-custom")
+    report = calibrate.calibration_report(c)
+    assert report["calibrated_temperature"] == res["prior_temperature"]
+    assert report["table"] == res["temperature_calibration"]
+    assert report["nll_calibrated"] <= report["nll_at_t1"]
+
+
 def test_augment_end_to_end_writes_results(reconstructed):
     root, llm, sasrec, _ = reconstructed
     c = _data(tiny.get_p2rec_config("p2rec_augment"), root)

@@ -208,6 +208,14 @@ def calibrate_temperature(params, histories: Sequence[Sequence[int]], targets: S
     return best["temperature"], table
 
 
+def calibrate_on_training_users(params, train_records: Sequence[dict], assignments: np.ndarray, num_categories: int,
+                                max_history: int) -> tuple[float, list[dict]]:
+    """`calibrate_temperature` on every training user's last window (its history -> its target)."""
+    windows = [s for _, s in user_sequences(train_records, "full", max_history + 1)]
+    return calibrate_temperature(params, [w[:-1] for w in windows], [w[-1] for w in windows], assignments,
+                                 num_categories)
+
+
 def _mean_entropy(priors: np.ndarray) -> float:
     return float(np.mean(-(priors * np.log(np.maximum(priors, 1e-12))).sum(1)))
 
@@ -258,10 +266,9 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
     train_users = subsample(train_users, p.max_users, cfg.seed)
     val_users = [(str(r.get("user", i)), list(r["history"])[-cfg.data.max_history:]) for i, r in enumerate(split.val)]
     temperature, calibration = p.prior_temperature, None
-    if temperature == 0:  # calibrate on every training user's last window (history -> its target)
-        windows = [s for _, s in user_sequences(split.train, "full", cfg.data.max_history + 1)]
-        temperature, calibration = calibrate_temperature(sasrec_params, [w[:-1] for w in windows],
-                                                         [w[-1] for w in windows], assign, num_cat)
+    if temperature == 0:
+        temperature, calibration = calibrate_on_training_users(sasrec_params, split.train, assign, num_cat,
+                                                               cfg.data.max_history)
         logging.info("p2rec reconstruct: calibrated prior temperature %.3g (category NLL %.4f; T=1: %.4f)",
                      temperature, min(r["nll"] for r in calibration),
                      min(calibration, key=lambda r: abs(math.log(r["temperature"])))["nll"])

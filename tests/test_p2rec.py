@@ -266,6 +266,8 @@ def test_augment_end_to_end_writes_results(reconstructed):
     table = (work / "comparison.md").read_text()
     assert "SASRec + P2Rec (pca, add)" in table and table.count("\n") == 4
     assert 0.0 < res["p2rec"]["info"]["explained_variance"] <= 1.0 + 1e-6
+    assert res["p2rec"]["info"]["reconstruct_prior_temperature"] == pytest.approx(
+        json.load(open(root / "p2rec_reconstruct-custom" / "results.json"))["prior_temperature"])
 
 
 def test_item_embeddings_are_cached_and_reused(reconstructed, monkeypatch):
@@ -323,6 +325,7 @@ def test_compare_table_lists_base_once():
     table = compare.markdown_table([r, r2, r3])
     assert table.count("| ml | SASRec |") == 1 and "(pca, add)" in table and "(pca, init)" in table
     assert "(pca, init, pretrained LLM)" in table
+    assert "| ml | mine |" in compare.markdown_table([dict(r, label="mine")])
     assert "| 0.5000 |" in table and "| - |" in table
 
 

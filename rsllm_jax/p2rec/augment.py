@@ -254,6 +254,15 @@ def _base_params(cfg, workdir: str, split: SplitData, reconstruct_dir: str) -> t
     return params, dict(source="sasrec_dir", run_dir=os.path.abspath(run_dir), config_matches=matches)
 
 
+def _recorded(run_dir: str, key: str):
+    """`key` of a run's results.json (None when absent: no run, or one written before the field)."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get(key)
+
+
 def run_augment(cfg, workdir: str, *, llm=None) -> dict:
     """Embed items with the tuned LLM, train the augmented SASRec, compare with the base on val and test."""
     from rsllm_jax.p2rec.reconstruct import run_reconstruct
@@ -298,6 +307,7 @@ def run_augment(cfg, workdir: str, *, llm=None) -> dict:
         models[name] = {s: evaluate(params, getattr(split, s)) for s in ("val", "test")}
     models["base"]["info"] = base_info
     models["p2rec"]["info"] = dict(reduce=p.reduce, mode=p.mode, llm="pretrained" if untuned else "reconstruction-tuned",
+                                   reconstruct_prior_temperature=_recorded(rdir, "prior_temperature"),
                                    run_dir=os.path.abspath(aug_dir),
                                    best_epoch=aug_train.get("best_epoch"), **tables["info"])
     results = dict(

@@ -1,7 +1,7 @@
 """SASRec vs SASRec + P2Rec as a markdown table, from one or more p2rec_augment results.json files.
 
 python -m rsllm_jax.p2rec.compare runs/p2rec_augment-movielens/results.json runs/p2rec_augment-lastfm/results.json
-    [--split=test|val|val+test] [--out=results/p2rec/comparison.md] [--plot=docs/img/p2rec_val_curves.png]
+    [--split=test|val|val+test] [--labels=a,b] [--out=results/p2rec/comparison.md] [--plot=docs/img/p2rec_val_curves.png]
 """
 from __future__ import annotations
 
@@ -92,6 +92,8 @@ def markdown_table(results: Sequence[dict], split: str = "test") -> str:
 
 
 def _label(r: dict) -> str:
+    if r.get("label"):  # given on the command line (--labels)
+        return r["label"]
     info = r["p2rec"]["info"]
     untuned = ", pretrained LLM" if info.get("llm") == "pretrained" else ""
     return f"SASRec + P2Rec ({info.get('reduce')}, {info.get('mode')}{untuned})"
@@ -146,18 +148,25 @@ def load_results(paths: Sequence[str]) -> list[dict]:
 def main(argv) -> None:
     if len(argv) < 2:
         raise app.UsageError("give one or more p2rec_augment results.json paths")
-    table = markdown_table(load_results(argv[1:]), split=flags.FLAGS.split)
+    results = load_results(argv[1:])
+    labels = flags.FLAGS.labels or []
+    if labels and len(labels) != len(results):
+        raise app.UsageError(f"--labels has {len(labels)} entries for {len(results)} results.json files")
+    for r, label in zip(results, labels):
+        r["label"] = label
+    table = markdown_table(results, split=flags.FLAGS.split)
     if flags.FLAGS.out:
         with open(flags.FLAGS.out, "w") as f:
             f.write(table + "\n")
     print(table)
     if flags.FLAGS.plot:
-        print(plot_val_curves(load_results(argv[1:]), flags.FLAGS.plot))
+        print(plot_val_curves(results, flags.FLAGS.plot))
 
 
 if __name__ == "__main__":
     # Defined here, not at import: run_augment imports this module next to other CLIs' flags.
     flags.DEFINE_enum("split", "test", list(SPLITS), "Which split's metrics to tabulate (val+test: both pooled).")
     flags.DEFINE_string("out", None, "Also write the table to this file.")
+    flags.DEFINE_list("labels", None, "Row labels for the augmented models, one per results.json, in order.")
     flags.DEFINE_string("plot", None, "Also plot the runs' validation curves (base vs augmented) to this PNG.")
     app.run(main)

@@ -236,10 +236,8 @@ def _base_params(cfg, workdir: str, split: SplitData, reconstruct_dir: str) -> t
         return restore_subtree(run_dir, "params")[0], dict(source="retrain", run_dir=os.path.abspath(run_dir),
                                                             config_matches=True)
     run_dir = cfg.p2rec.sasrec_dir
-    recorded = os.path.join(reconstruct_dir, "results.json")
-    if not run_dir and reconstruct_dir != NO_RECONSTRUCTION and os.path.exists(recorded):
-        with open(recorded) as f:
-            run_dir = json.load(f).get("sasrec_dir", "")
+    if not run_dir and reconstruct_dir != NO_RECONSTRUCTION:  # the SASRec the reconstruction read
+        run_dir = _recorded(reconstruct_dir, "sasrec_dir") or ""
     run_dir = sibling_dir(run_dir, workdir, f"sasrec-{cfg.data.dataset}")
     params, _ = restore_subtree(run_dir, "params")
     # The comparison is only controlled if the stage-0 run used the same SASRec settings.

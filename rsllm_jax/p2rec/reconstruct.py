@@ -201,9 +201,8 @@ def calibrate_temperature(params, histories: Sequence[Sequence[int]], targets: S
     for t in grid:
         priors = sasrec_priors(params, histories, assignments, num_categories, t)
         hit = priors[np.arange(len(cats)), cats]
-        entropy = -(priors * np.log(np.maximum(priors, 1e-12))).sum(1)
         table.append(dict(temperature=t, nll=float(-np.mean(np.log(np.maximum(hit, 1e-12)))),
-                          mean_entropy=float(entropy.mean())))
+                          mean_entropy=_mean_entropy(priors)))
     best = min(table, key=lambda row: row["nll"])
     return best["temperature"], table
 

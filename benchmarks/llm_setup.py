@@ -20,15 +20,15 @@ def load(model: str, scan_layers: bool):
     return load_llm(model, with_tokenizer=False, scan_layers=scan_layers)
 
 
-def stage2_config(scan_layers: bool, target_len: int, remat_policy: str = "dots_no_batch"):
-    """configs/stage2.py with what a benchmark must pin: one device, one micro-batch, dropout off (so the
-    two frameworks' first-step losses are comparable). LoRA rank/alpha/targets, loss weights,
+def stage2_config(scan_layers: bool, target_len: int, remat_policy: str = "dots_no_batch", lora_dropout: float = 0.0):
+    """configs/stage2.py with what a benchmark must pin: one device, one micro-batch, dropout off unless
+    asked (off, the two frameworks' first-step losses are comparable). LoRA rank/alpha/targets, loss weights,
     temperature and the optimizer stay the spec's."""
     cfg = stage2.get_config()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
     cfg.llm.scan_layers = scan_layers
     cfg.llm.remat_policy = remat_policy
-    cfg.lora.dropout = 0.0
+    cfg.lora.dropout = lora_dropout
     cfg.train.grad_accum_steps = 1
     cfg.prompts.target_len = target_len
     return cfg
@@ -49,11 +49,12 @@ class Setup:
             yield
 
 
-def build(llm, *, scan_layers: bool, target_len: int, remat_policy: str = "dots_no_batch") -> Setup:
+def build(llm, *, scan_layers: bool, target_len: int, remat_policy: str = "dots_no_batch",
+          lora_dropout: float = 0.0) -> Setup:
     """A fresh RSLLM (loaded LLaMA + newly initialised LoRA/projector/added rows, synthetic SASRec
     table) and its PyTorch twin holding the same numbers. Fresh per section: the JAX train step
     donates its state, and training moves the torch weights."""
-    cfg = stage2_config(scan_layers, target_len, remat_policy)
+    cfg = stage2_config(scan_layers, target_len, remat_policy, lora_dropout)
     llm = (dataclasses.replace(llm[0], remat_policy=remat_policy), *llm[1:])  # an execution option of the config
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])  # one device: comparable with single-process torch
     rules = sharding.rules_from_config(cfg.mesh.rules)

@@ -56,6 +56,8 @@ _SAS_DATA = flags.DEFINE_enum("sasrec_data", "auto", ["auto", "movielens", "synt
                               "SASRec windows: the real MovieLens split (auto: when $RSLLM_DATA_DIR is set) or synthetic")
 _SAS_SAMPLES = flags.DEFINE_integer("sasrec_samples", 60000, "Synthetic SASRec records per epoch")
 _SAS_BATCH = flags.DEFINE_integer("sasrec_batch", 256, "SASRec batch size (configs/base.py's)")
+_DROPOUT = flags.DEFINE_float("lora_dropout", 0.0, "LoRA dropout of both train steps (the configs train with 0.1; "
+                              "0 makes the first-step losses comparable, >0 measures what dropout costs)")
 _MM_SIZES = flags.DEFINE_list("matmul_sizes", ["2048", "3072", "4096"], "Square matmul sizes for the peak")
 _MM_REPEATS = flags.DEFINE_integer("matmul_repeats", 5, "Matmuls per size (best is kept)")
 _BW_MIB = flags.DEFINE_integer("bandwidth_mib", 512, "Array size of the memory-bandwidth probe (far above cache)")
@@ -68,7 +70,8 @@ def setup_info() -> dict:
         jax=jax.__version__, jax_device=str(jax.devices()[0]), jax_devices_visible=jax.device_count(),
         torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads(),
         scan_layers=_SCAN.value, remat_policy=_REMAT.value, load_average_start=os.getloadavg(),
-        notes="1-device JAX mesh; LoRA dropout off on both sides (needed for loss agreement); "
+        lora_dropout=_DROPOUT.value,
+        notes="1-device JAX mesh; LoRA dropout --lora_dropout on both sides (0 is needed for loss agreement); "
               "grad_accum_steps=1 (the batch is one micro-batch); synthetic fixed-length prompts "
               "(benchmarks/workload.py), same arrays for both frameworks",
     )
@@ -93,7 +96,8 @@ def _sections() -> list[str]:
 
 def run_llm_section(name: str, llm) -> dict:
     # A fresh model per section (the JAX train step donates its state); dropped afterwards to free memory.
-    setup = llm_setup.build(llm, scan_layers=_SCAN.value, target_len=_TARGET.value, remat_policy=_REMAT.value)
+    setup = llm_setup.build(llm, scan_layers=_SCAN.value, target_len=_TARGET.value, remat_policy=_REMAT.value,
+                            lora_dropout=_DROPOUT.value if name == "train" else 0.0)
     try:
         if name == "train":
             return section_train.run(setup, batch=_BATCH.value, seq_len=_SEQ.value, target_len=_TARGET.value,

@@ -103,8 +103,9 @@ def run_torch(setup: Setup, batch: dict, repeats: int, warmup: int) -> dict:
                 attn_implementation=model.base.config._attn_implementation)
 
 
-def compare_losses(jax_first: dict, torch_first: dict) -> dict:
-    """First-step losses (before any update, so the weights are identical) and gradient norms."""
+def compare_losses(jax_first: dict, torch_first: dict, dropout: float = 0.0) -> dict:
+    """First-step losses (before any update, so the weights are identical) and gradient norms. With
+    dropout the two frameworks draw different masks: reported, not checked (`agree` is None)."""
     out = {}
     for k in LOSS_KEYS:
         a, b = jax_first[k], torch_first[k]
@@ -114,6 +115,11 @@ def compare_losses(jax_first: dict, torch_first: dict) -> dict:
     out["tolerance"] = (f"losses |jax-torch| <= {LOSS_ATOL} + {LOSS_RTOL}*|torch|; grad_norm rel {GRAD_NORM_RTOL}; "
                         "fp32, dropout off, LoRA A copied and B = 0 on both sides")
     out["agree"] = all(out[k]["ok"] for k in LOSS_KEYS)
+    if dropout:
+        out["tolerance"] = f"not compared: LoRA dropout {dropout} draws different masks in each framework"
+        out["agree"] = None
+        for k in (*LOSS_KEYS, "grad_norm"):
+            out[k]["ok"] = None
     return out
 
 
@@ -131,7 +137,7 @@ def run(setup: Setup, *, batch: int, seq_len: int, target_len: int, repeats: int
         r["tokens_per_s"] = tokens / r["median_s"]
         r["main_tokens_per_s"] = batch * seq_len / r["median_s"]
     return dict(
-        jax=jax_res, torch=torch_res, losses=compare_losses(jax_res["first_step"], torch_res["first_step"]),
+        jax=jax_res, torch=torch_res, losses=compare_losses(jax_res["first_step"], torch_res["first_step"], setup.cfg.lora.dropout),
         model_flops_per_step=step_flops, tokens_per_step=tokens, id_slots_per_step=slots,
         shape=dict(batch=batch, seq_len=seq_len, target_len=target_len),
         counts=dict(N=counts.n, N_head=counts.n_head, N_lora=counts.n_lora, N_proj=counts.n_proj),

@@ -100,7 +100,7 @@ def get_config():
     c.train.num_epochs = 1.0
     c.train.max_train_samples = 0  # 0 = all; else a seeded subsample (CPU-sized runs)
     c.train.curriculum = False  # LLaRA's curriculum: unified prompt with probability step/total
-    c.train.eval_every_steps = 0  # 0 = only at the end
+    c.train.eval_every_steps = 0  # >0: validate every N steps, keep the best; 0: the last step is evaluated
     c.train.checkpoint_every_steps = 50
     c.train.keep_checkpoints = 2
     c.train.stop_after_steps = 0  # >0: save and exit after this step (simulates preemption; resume tests)

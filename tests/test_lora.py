@@ -11,7 +11,15 @@ import pytest
 
 from rsllm_jax.checkpoint import hf as hf_ckpt
 from rsllm_jax.models.llama import Llama
-from rsllm_jax.models.lora import LORA_REGEX, LoraConfig, lora_paths, merge_lora, merge_trees, split_trainable
+from rsllm_jax.models.lora import (
+    LORA_REGEX,
+    LoraConfig,
+    lora_dropout,
+    lora_paths,
+    merge_lora,
+    merge_trees,
+    split_trainable,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -114,6 +122,35 @@ def test_dropout_only_in_training(tiny):
     train = jax_logits(model, params, ids, dropout_rng=jax.random.key(1), deterministic=False)
     np.testing.assert_array_equal(det, det2)
     assert np.abs(np.asarray(train) - np.asarray(det)).max() > 1e-4
+
+
+class _Drop(nn.Module):
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        return lora_dropout(self, x, self.rate, deterministic)
+
+
+@pytest.mark.parametrize("width", [64, 63])  # even: 16-bit uniforms; odd: nn.Dropout
+def test_lora_dropout_rate_scale_and_fresh_masks(width):
+    x = jnp.ones((2048, width), jnp.float32)
+    drop = _Drop(0.1)
+    y = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(0)}))
+    dropped = (y == 0).mean()
+    # 131k draws: the drop rate is 0.1 within 5 standard errors, and kept values undo the keep rate.
+    assert abs(dropped - 0.1) < 5 * np.sqrt(0.1 * 0.9 / y.size), dropped
+    np.testing.assert_allclose(y[y != 0], 1.0 / (1.0 - round(0.1 * 65536) / 65536) if width % 2 == 0 else 1 / 0.9,
+                               rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 0.01  # unbiased
+    other = np.asarray(drop.apply({}, x, False, rngs={"dropout": jax.random.key(1)}))
+    assert (other != y).any()  # another key, another mask
+    # Neighbouring 16-bit halves of one word are independent: no pairwise correlation of the mask.
+    if width % 2 == 0:
+        a, b = (y[:, 0::2] == 0).ravel(), (y[:, 1::2] == 0).ravel()
+        assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
+    np.testing.assert_array_equal(drop.apply({}, x, True), x)  # deterministic: identity, no rng needed
+    np.testing.assert_array_equal(_Drop(0.0).apply({}, x, False), x)
 
 
 def test_split_and_merge_trees(tiny):

@@ -19,6 +19,11 @@ def _data(c, tmp_path):
     return c
 
 
+def _metrics(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
 def test_stage1_stage2_eval_smoke(tmp_path, monkeypatch):
     # Relative run directories, as `python -m rsllm_jax.experiments` passes them (orbax wants absolute).
     monkeypatch.chdir(tmp_path)
@@ -29,16 +34,22 @@ def test_stage1_stage2_eval_smoke(tmp_path, monkeypatch):
     c1 = _data(tiny.get_llm_config("stage1"), tmp_path)
     r1 = run_stage(c1, str(tmp_path / "stage1"), llm=llm)
     assert r1["test"]["n"] > 0 and 0.0 <= r1["test"]["valid_ratio"] <= 1.0
+    # eval_every_steps = 0: no validation inside the loop, the last step is the result.
+    assert not list((tmp_path / "stage1" / "best").iterdir()) and r1["best_step"] == r1["steps"]
+    assert not [m for m in _metrics(tmp_path / "stage1") if "val/accuracy" in m]
 
     c2 = _data(tiny.get_llm_config("stage2"), tmp_path)
     c2.stage2.sasrec_dir = "sasrec"
     c2.stage2.stage1_dir = "stage1"
+    c2.train.eval_every_steps = 1  # validate every step and keep the best
     r2 = run_stage(c2, str(tmp_path / "stage2"), llm=llm)
+    vals = [m for m in _metrics(tmp_path / "stage2") if "val/accuracy" in m]
+    assert [m["step"] for m in vals] == list(range(1, r2["steps"] + 1))
+    best = max(vals, key=lambda m: m["val/accuracy"])  # first maximum, as the trainer keeps it
+    assert r2["best_step"] == best["step"] and (tmp_path / "stage2" / "best" / str(best["step"])).is_dir()
     for key in ("valid_ratio", "hit_ratio_at_1", "accuracy", "two_tower_hr1", "two_tower_hr10", "two_tower_ndcg10"):
         assert 0.0 <= r2["test"][key] <= 1.0, key
-    with open(tmp_path / "stage2" / "metrics.jsonl") as f:
-        logged = [json.loads(line) for line in f]
-    losses = [m for m in logged if "nip" in m]
+    losses = [m for m in _metrics(tmp_path / "stage2") if "nip" in m]
     assert losses and all(np.isfinite([m["nip"], m["l_ut"], m["l_tt"]]).all() for m in losses)
     preds = (tmp_path / "stage2" / "predictions_test.jsonl").read_text().splitlines()
     assert len(preds) == r2["test"]["n"]

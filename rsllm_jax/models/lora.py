@@ -69,6 +69,25 @@ def _lora_path_bwd(res, g):
 lora_path.defvjp(_lora_path_fwd, _lora_path_bwd)
 
 
+def lora_dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+    """Inverted dropout on the adapter's input (what nn.Dropout does), with half the random bits.
+
+    Why: every adapter input gets its own mask, and drawing one threefry word per element cost about a
+    third of a CPU train step. Here each 32-bit word gives two 16-bit uniforms; the drop rate is
+    rounded to a multiple of 2^-16 (0.1 -> 0.100006) and the kept values are scaled by the exact keep
+    probability, so the output stays unbiased.
+    """
+    if deterministic or rate == 0.0:
+        return x
+    if x.shape[-1] % 2:
+        return nn.Dropout(rate)(x, deterministic=False)
+    threshold = round(rate * 65536)
+    words = jax.random.bits(module.make_rng("dropout"), x.shape[:-1] + (x.shape[-1] // 2,), jnp.uint32)
+    uniforms = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(x.shape)
+    keep_prob = 1.0 - threshold / 65536
+    return jnp.where(uniforms >= threshold, x / keep_prob, jnp.zeros_like(x))
+
+
 class LoraDense(nn.Module):
     """y = x . kernel (+ dropout(x) . lora_a . lora_b * alpha/r), contracting the last `n_in` axes of x.
 
@@ -116,7 +135,7 @@ class LoraDense(nn.Module):
             (r,) + tuple(self.features),
             self.param_dtype,
         )
-        h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+        h = lora_dropout(self, x, self.lora.dropout, deterministic)
         n_in, n_out = math.prod(in_shape), math.prod(self.features)
         h = lora_path(h.reshape(-1, n_in), a.astype(self.dtype).reshape(n_in, r), b.astype(self.dtype).reshape(r, n_out))
         h = h.reshape(y.shape)

@@ -234,7 +234,9 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                                **{k: float(v) for k, v in m.items()}))
                 tokens_since = 0
             improved = False
-            if (cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0) or done == total_steps:
+            every = cfg.train.eval_every_steps
+            # No periodic evaluation (0): the last step is the only candidate, evaluated in full below.
+            if every and (done % every == 0 or done == total_steps):
                 val = evaluator.run(merge(state), val_records, splits[target].titles, out_dir=None,
                                     name=f"val_step{done}", two_tower=False)
                 log.write({"step": done, **{f"val/{k}": v for k, v in val.items()}})

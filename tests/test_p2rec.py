@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from rsllm_jax.data import splits
 from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table, set_item_tables
 from rsllm_jax.p2rec import augment, compare, reconstruct
 from rsllm_jax.p2rec.common import TitlePrompts, restore_subtree, sasrec_config_from_params
@@ -120,7 +121,7 @@ def test_cold_counts_are_distinct_user_item_pairs():
         {"user": "a", "history": [1, 2, 3], "target": 4},  # overlapping window: 1, 2, 3 counted once for a
         {"user": "b", "history": [0, 3, 3], "target": 5},
     ]
-    np.testing.assert_array_equal(augment.item_train_counts(records, 7), [2, 1, 1, 2, 1, 1, 0])
+    np.testing.assert_array_equal(splits.item_train_counts(records, 7), [2, 1, 1, 2, 1, 1, 0])
 
 
 def test_pca_shape_variance_order_and_scale():
@@ -251,7 +252,7 @@ def test_augment_end_to_end_writes_results(reconstructed):
     for k in ("hr1_cand", "hr10", "ndcg10"):
         assert saved["base"]["test"][k] == pytest.approx(sasrec["test"][k])
     split = _split(c)
-    cold = augment.item_train_counts(split.train, split.num_items) < 24
+    cold = splits.item_train_counts(split.train, split.num_items) < 24
     assert saved["cold_items"] == int(cold.sum()) > 0
     assert saved["base"]["test"]["cold"]["n"] == sum(bool(cold[r["target"]]) for r in split.test)
     emb = np.load(work / "llm_item_embeddings.npy")

@@ -1,6 +1,9 @@
 """Stage 0 -> stage 1 -> stage 2 -> eval on the tiny config (random tiny LLaMA, synthetic data)."""
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 
@@ -9,6 +12,8 @@ from rsllm_jax.train.rsllm_trainer import run_eval, run_stage
 from rsllm_jax.train.sasrec_trainer import train_sasrec
 from synthetic_data import write_custom_dataset
 from tiny_llm import tiny_llm
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def _data(c, tmp_path):
@@ -54,6 +59,17 @@ def test_stage1_stage2_eval_smoke(tmp_path, monkeypatch):
     preds = (tmp_path / "stage2" / "predictions_test.jsonl").read_text().splitlines()
     assert len(preds) == r2["test"]["n"]
     assert {"row", "output", "matched", "hit"} <= set(json.loads(preds[0]))
+    for p in map(json.loads, preds):
+        assert len(p["named_positions"]) == len(p["named_items"]) == len(p["matched"])
+        assert p["hit"] == (p["named_positions"] == [p["target_position"]])
+    # The answer-bias report reads the same predictions through the CLI.
+    out = tmp_path / "bias"
+    subprocess.run([sys.executable, "-m", "rsllm_jax.eval.answer_bias", "--config=" + str(CONFIGS / "tiny.py"),
+                    "--config.data.dataset=custom", f"--config.data.custom_interactions={c2.data.custom_interactions}",
+                    f"--config.data.custom_items={c2.data.custom_items}", f"--config.data.cache_dir={c2.data.cache_dir}",
+                    f"--out={out}", str(tmp_path / "stage2")], check=True, capture_output=True, text=True)
+    bias = json.loads(out.with_suffix(".json").read_text())["runs"]["stage2"]
+    assert bias["n"] == r2["test"]["n"] and bias["valid"] == round(r2["test"]["valid_ratio"] * bias["n"])
 
     ce = _data(tiny.get_llm_config("eval"), tmp_path)
     ce.checkpoint = "stage2"

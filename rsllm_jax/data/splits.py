@@ -60,6 +60,20 @@ class SplitData:
         return len(self.titles)
 
 
+def item_train_counts(records: Sequence[dict], num_items: int) -> np.ndarray:
+    """Training interactions per item = distinct (train user, item) pairs over the user's windows (the
+    windows overlap, so counting occurrences would count one interaction up to max_history + 1 times)."""
+    seen: set[tuple[str, int]] = set()
+    for i, r in enumerate(records):
+        user = str(r.get("user", f"row{i}"))
+        for item in list(r["history"]) + [r["target"]]:
+            seen.add((user, int(item)))
+    counts = np.zeros(num_items, np.int64)
+    for _, item in seen:
+        counts[item] += 1
+    return counts
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------

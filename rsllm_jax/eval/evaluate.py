@@ -110,7 +110,11 @@ class Evaluator:
                 s = generation_metrics.score_answer(text, cand_titles, rec["candidates"].index(rec["target"]))
                 scored.append(s)
                 pred = dict(row=int(batch["row"][j]), user=rec.get("user"), output=text,
-                            matched=[cand_titles[i] for i in s["named"]], target=titles[rec["target"]], hit=s["hit"])
+                            matched=[cand_titles[i] for i in s["named"]], target=titles[rec["target"]], hit=s["hit"],
+                            # Positions in the prompt's candidate list and item ids: what eval.answer_bias reads.
+                            named_positions=[int(i) for i in s["named"]],
+                            target_position=int(rec["candidates"].index(rec["target"])),
+                            named_items=[int(rec["candidates"][i]) for i in s["named"]], target_item=int(rec["target"]))
                 if two_tower:
                     u = v_user[j]
                     cand_scores = item_vecs[rec["candidates"]] @ u

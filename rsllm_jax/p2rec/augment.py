@@ -37,7 +37,7 @@ from rsllm_jax import sharding
 from rsllm_jax.checkpoint.run_dirs import has_checkpoint, sibling_dir
 from rsllm_jax.data import pipeline
 from rsllm_jax.data.sasrec_batches import SasrecEvalTransform
-from rsllm_jax.data.splits import SplitData, load_split_from_config
+from rsllm_jax.data.splits import SplitData, item_train_counts, load_split_from_config
 from rsllm_jax.eval import ranking
 from rsllm_jax.models.sasrec import SASRec
 from rsllm_jax.p2rec import compare
@@ -94,20 +94,6 @@ def augmentation_tables(llm_emb: np.ndarray, hidden: int, reduce: str, mode: str
     x = match_scale(x - x.mean(0), 1.0)  # standardised input for the learned Dense
     item_init = np.zeros((len(x), hidden), np.float32) if mode == "init" else None
     return dict(item_init=item_init, side_table=x, side_proj=True, info=dict(llm_dim=int(x.shape[1])))
-
-
-def item_train_counts(records: Sequence[dict], num_items: int) -> np.ndarray:
-    """Training interactions per item = distinct (train user, item) pairs over the user's windows (the
-    windows overlap, so counting occurrences would count one interaction up to max_history + 1 times)."""
-    seen: set[tuple[str, int]] = set()
-    for i, r in enumerate(records):
-        user = str(r.get("user", f"row{i}"))
-        for item in list(r["history"]) + [r["target"]]:
-            seen.add((user, int(item)))
-    counts = np.zeros(num_items, np.int64)
-    for _, item in seen:
-        counts[item] += 1
-    return counts
 
 
 def summarize(hit1: np.ndarray, ranks: np.ndarray, mask: np.ndarray | None = None, k: int = 10) -> dict:

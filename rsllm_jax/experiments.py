@@ -557,7 +557,7 @@ def collect(opts, runs: list[Run], problems: dict[str, str] | None = None) -> di
     summary = summarize(entries)
     out = dict(dataset=opts.dataset, date=_now(), host=socket.gethostname(), git=_git(), root=opts.root,
                seeds=opts.seed_list, rows=[r.name for r in opts.row_list], extra_flags=list(opts.extra),
-               runs=entries, summary=summary)
+               runs=entries, summary=summary, references=user_blind_references(runs))
     json_path = os.path.join(opts.results_dir, f"{opts.dataset}.json")
     write_json_atomic(json_path, out)
     md_path = os.path.join(opts.results_dir, f"{opts.dataset}.md")
@@ -567,6 +567,26 @@ def collect(opts, runs: list[Run], problems: dict[str, str] | None = None) -> di
     os.replace(tmp, md_path)
     _log(f"wrote {json_path} and {md_path}")
     return out
+
+
+def user_blind_references(runs: list[Run]) -> dict | None:
+    """HR@1 on the test candidates of two rules that ignore the user: a random pick, and the candidate
+    with the most training interactions. Read on the split of the first finished run's config.json."""
+    for run in runs:
+        cfg = _read_json(os.path.join(run.workdir, "config.json"))
+        if cfg and finished_result(run.row, run.workdir) is not None:
+            break
+    else:
+        return None
+    import ml_collections  # the split loader is only needed here; planning and running stay light
+
+    from rsllm_jax.data.splits import item_train_counts, load_split_from_config
+    from rsllm_jax.eval.answer_bias import most_popular_hr1
+
+    split = load_split_from_config(ml_collections.ConfigDict(cfg["data"]))
+    counts = item_train_counts(split.train, split.num_items)
+    return dict(n=len(split.test), random_hr1=1.0 / len(split.test[0]["candidates"]),
+                most_popular_hr1=most_popular_hr1(split.test, counts), source=f"{run.workdir}/config.json")
 
 
 def _mean_std(values: list[float]) -> dict | None:
@@ -649,6 +669,11 @@ def markdown(out: dict) -> str:
         "NDCG@10 rank the whole catalogue (two-tower for LLM rows, logits for `sasrec`, whose HitRatio@1 and "
         "accuracy are its HR@1 on the 20 candidates). Wall time is each run's own (training + evaluation).",
     ]
+    ref = out.get("references")
+    if ref:
+        lines += ["", f"User-blind references on the same test rows (HR@1 = accuracy): a random candidate "
+                      f"{ref['random_hr1']:.4f}; the candidate with the most training interactions "
+                      f"{ref['most_popular_hr1']:.4f}."]
     if out["dataset"] == "steam":
         lines += ["", "Steam: LLaRA's train split is public only as a 1,000-row sample; the train set here adds the "
                       "windows inside the val/test histories (their targets are never trained on)."]

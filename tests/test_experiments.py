@@ -294,6 +294,11 @@ def test_tiny_end_to_end_and_resume(tiny_setup, monkeypatch, capsys):
                                   np.load(d / "sasrec-s0" / "item_embeddings.npy"))
     md = (results / "custom.md").read_text()
     assert "`rsllm`" in md and "Not in the table" not in md
+    # User-blind references on the run's own split: 1/K for a random pick, most-popular in [0, 1].
+    ref = out["references"]
+    assert ref["n"] >= runs["rsllm-s0"]["metrics"]["n"]  # every test row (the runs evaluate max_rows)
+    assert ref["random_hr1"] == pytest.approx(1 / 20) and 0.0 <= ref["most_popular_hr1"] <= 1.0
+    assert f"{ref['most_popular_hr1']:.4f}" in md.split("User-blind references")[1]
 
     # Rerun: everything is finished, nothing runs again, the tables are rebuilt.
     mtime = (results / "custom.json").stat().st_mtime_ns

@@ -120,7 +120,9 @@ def get_config():
     c.eval.batch_size = 8
     c.eval.max_new_tokens = 64
     c.eval.two_tower = True
-    c.eval.max_rows = 0  # 0 = every row of the split; >0 = the first N (smoke runs only)
+    # 0 = every row of the split; >0 = a seeded random subset of N rows (data.splits.eval_subset), the same
+    # rows for every model and stage 0 (CPU budgets on Steam's 1,194 test rows; smoke runs).
+    c.eval.max_rows = 0
 
     # ---- run ----
     c.log_every_steps = 50

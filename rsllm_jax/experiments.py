@@ -17,8 +17,8 @@ rows a selected row depends on.
 Rows (see ROWS): sasrec, zero_shot, text_ft, llara_like, rsllm and the ablations no_ut, no_tt, no_stage1,
 id_only. Flag precedence in each command, lowest first: the per-dataset learning rate (LLaRA's: 8e-4
 MovieLens, 7e-4 LastFM, 5e-4 Steam; --lr overrides) < the flags after `--` (every LLM row; the
-`--config.data.*` ones also reach stage 0, whose item ids must match) < what defines the row (its loss
-weights, prompts, stages, dataset, seed, dependency dirs) < --row_flag. An extra flag that a row's
+`--config.data.*` ones and `--config.eval.max_rows` also reach stage 0, whose item ids and test rows must
+match) < what defines the row (its loss weights, prompts, stages, dataset, seed, dependency dirs) < --row_flag. An extra flag that a row's
 definition overrides is dropped for that row with a warning. data.split_seed is never touched, so the
 val/test rows and their candidates are LLaRA's for every seed.
 
@@ -267,8 +267,10 @@ def _seed_of(opts, row_name: str, seed: int) -> int:
 def _plan_one(opts, row: Row, seed: int, lr) -> Run:
     workdir = row_workdir(opts, row, seed)
     if row.kind == "sasrec":
-        # Stage 0 takes only the data flags of the extras: its item ids must match the LLM rows'.
-        common = [f for f in opts.extra if _flag_key(f).startswith("--config.data.")]
+        # Stage 0 takes only the data flags of the extras (its item ids must match the LLM rows') and
+        # the evaluation subset (its test numbers must be on the same rows).
+        common = [f for f in opts.extra if _flag_key(f).startswith("--config.data.")
+                  or _flag_key(f) == "--config.eval.max_rows"]
     else:
         common = ([_cfg("optim.lr", lr)] if lr is not None and row.trains_llm else []) + list(opts.extra)
     defining = [_cfg("data.dataset", opts.dataset), _cfg("seed", seed)]

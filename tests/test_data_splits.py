@@ -266,3 +266,14 @@ def test_sample_candidates_uniform_and_exclusive():
         counts[c] += 1
     negatives = counts[4:] / 3000  # each of 26 items has 4/26 chance
     assert np.allclose(negatives, 4 / 26, atol=0.03) and counts[3] == 3000
+
+
+def test_eval_subset_is_seeded_ordered_and_shared():
+    records = [dict(user=str(i), target=i) for i in range(100)]
+    sub = splits.eval_subset(records, 10)
+    assert len(sub) == 10 and len({r["user"] for r in sub}) == 10
+    assert [r["target"] for r in sub] == sorted(r["target"] for r in sub)  # original order kept
+    assert sub == splits.eval_subset(records, 10)  # same (n, seed): same rows for every model
+    assert sub != splits.eval_subset(records, 10, seed=1)
+    assert sub != records[:10]  # a random subset, not the head of the file
+    assert splits.eval_subset(records, 0) == records and splits.eval_subset(records, 500) == records

@@ -26,7 +26,8 @@ def _flags(cmd: list[str]) -> dict[str, str]:
 def test_dry_run_commands_overrides_and_dependencies(tmp_path, capsys):
     root = str(tmp_path / "exp")
     argv = ["--dataset=movielens", f"--root={root}", "--seeds=0,1", "--dry_run", "--",
-            "--config.train.max_train_samples=0", "--config.loss.weight_ut=0.2", "--config.data.max_history=10"]
+            "--config.train.max_train_samples=0", "--config.loss.weight_ut=0.2", "--config.data.max_history=10",
+            "--config.eval.max_rows=50"]
     opts = ex.parse_args(argv)
     runs = {r.key: r for r in ex.plan_runs(opts)}
     wd = lambda row, s: os.path.join(root, "movielens", f"{row}-s{s}")  # noqa: E731
@@ -40,6 +41,7 @@ def test_dry_run_commands_overrides_and_dependencies(tmp_path, capsys):
         assert f["--config.data.dataset"] == "movielens" and f["--config.seed"] == str(run.seed)
         assert "--config.data.split_seed" not in f  # LLaRA's val/test rows for every seed
         assert f["--config.data.max_history"] == "10"  # data extras reach every row, stage 0 included
+        assert f["--config.eval.max_rows"] == "50"  # and the evaluation subset: every row on the same rows
         if run.row.name == "sasrec":
             assert f["--config"].endswith("configs/sasrec.py")
             assert "--config.train.max_train_samples" not in f and "--config.optim.lr" not in f

@@ -55,9 +55,12 @@ def test_train_export_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_sasrec_learns_the_custom_cycle(tmp_path):
-    res = train_sasrec(_cfg(tmp_path, 12), str(tmp_path / "run"))
+    c = _cfg(tmp_path, 12)
+    c.eval.max_rows = 4  # the LLM rows' evaluation subset: reported on it, and on every row as test_all_rows
+    res = train_sasrec(c, str(tmp_path / "run"))
     # Chance on 20 candidates is 0.05; the cycle is deterministic.
     assert res["val"]["hr1_cand"] > 0.5
+    assert res["val"]["n"] == res["test"]["n"] == 4 and res["test_all_rows"]["n"] > 4
 
 
 def test_cli_rejects_a_typo_in_an_override(tmp_path):

@@ -60,6 +60,15 @@ class SplitData:
         return len(self.titles)
 
 
+def eval_subset(records: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
+    """A seeded random subset of `n` evaluation rows in their original order (0 or n >= len: all rows).
+    Every model evaluated with the same (n, seed) sees the same rows, so their numbers stay paired."""
+    if not n or n >= len(records):
+        return list(records)
+    idx = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
+    return [records[i] for i in idx]
+
+
 def item_train_counts(records: Sequence[dict], num_items: int) -> np.ndarray:
     """Training interactions per item = distinct (train user, item) pairs over the user's windows (the
     windows overlap, so counting occurrences would count one interaction up to max_history + 1 times)."""

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from rsllm_jax import losses, sharding
 from rsllm_jax.data.prompt_pipeline import EvalExample, eval_batches
 from rsllm_jax.data.prompts import PromptBuilder
+from rsllm_jax.data.splits import eval_subset
 from rsllm_jax.eval import generation_metrics, ranking
 from rsllm_jax.models.generate import blank_token_ids, for_inference, generate, stop_token_ids
 from rsllm_jax.models.llama import Llama
@@ -85,7 +86,7 @@ class Evaluator:
     def run(self, params, records: Sequence[dict], titles: Sequence[str], *, out_dir: str | None, name: str,
             two_tower: bool = True, item_cache: str | None = None, limit: int = 0) -> dict:
         t0 = time.time()
-        records = list(records)[: limit or None]
+        records = eval_subset(records, limit)
         num_items = len(titles)
         item_vecs = self.item_vectors(params, num_items, item_cache) if two_tower else None
         ds = eval_batches(records, EvalExample(self.builder, template=self.template, use_ids=self.use_ids),

@@ -22,7 +22,7 @@ from absl import logging
 from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax.data import pipeline, sasrec_batches
-from rsllm_jax.data.splits import SplitData, load_split_from_config
+from rsllm_jax.data.splits import SplitData, eval_subset, load_split_from_config
 from rsllm_jax.eval import ranking
 from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table, set_item_tables
 from rsllm_jax.train.sasrec_step import eval_scores, train_step
@@ -160,12 +160,14 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
 
     best_step, best_state, best_meta = ckpts.restore_best(abstract_state)
     best_params = best_state["params"]
+    rows = cfg.eval.max_rows  # the LLM rows' evaluation subset, so the tables compare the same rows
     with jax.set_mesh(mesh):
-        val = evaluate(model, best_params, split.val, cfg, mesh, eval_fn)
-        test = evaluate(model, best_params, split.test, cfg, mesh, eval_fn)
+        val = evaluate(model, best_params, eval_subset(split.val, rows), cfg, mesh, eval_fn)
+        test = evaluate(model, best_params, eval_subset(split.test, rows), cfg, mesh, eval_fn)
+        extra = {"test_all_rows": evaluate(model, best_params, split.test, cfg, mesh, eval_fn)} if rows else {}
     ckpts.close()
     results = dict(
-        dataset=split.dataset, best_step=best_step, best_epoch=best_meta.get("epoch"), val=val, test=test,
+        dataset=split.dataset, best_step=best_step, best_epoch=best_meta.get("epoch"), val=val, test=test, **extra,
         loss=cfg.sasrec.loss, num_items=split.num_items, train_samples=len(split.train),
         wall_time_s=round(time.time() - t_start, 1), train_time_s=round(meta.get("train_time_s", 0.0), 1),
         manifest=split.manifest,

@@ -72,10 +72,10 @@ lora_path.defvjp(_lora_path_fwd, _lora_path_bwd)
 def lora_dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
     """Inverted dropout on the adapter's input (what nn.Dropout does), with half the random bits.
 
-    Why: every adapter input gets its own mask, and drawing one threefry word per element cost about a
-    third of a CPU train step. Here each 32-bit word gives two 16-bit uniforms; the drop rate is
-    rounded to a multiple of 2^-16 (0.1 -> 0.100006) and the kept values are scaled by the exact keep
-    probability, so the output stays unbiased.
+    Why: every adapter input gets its own mask, and one threefry word per element made dropout 27 % of
+    a CPU train step (SmolLM2-135M, 4 x 384 tokens: 12.0 s vs 8.8 s without dropout). Here each 32-bit
+    word gives two 16-bit uniforms (10.9 s); the drop rate is rounded to a multiple of 2^-16
+    (0.1 -> 0.100006) and kept values are scaled by the exact keep probability, so it stays unbiased.
     """
     if deterministic or rate == 0.0:
         return x

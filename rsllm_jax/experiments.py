@@ -559,7 +559,7 @@ def collect(opts, runs: list[Run], problems: dict[str, str] | None = None) -> di
     summary = summarize(entries)
     out = dict(dataset=opts.dataset, date=_now(), host=socket.gethostname(), git=_git(), root=opts.root,
                seeds=opts.seed_list, rows=[r.name for r in opts.row_list], extra_flags=list(opts.extra),
-               runs=entries, summary=summary, references=user_blind_references(runs))
+               runs=entries, summary=summary, references=diagnostics(runs, entries))
     json_path = os.path.join(opts.results_dir, f"{opts.dataset}.json")
     write_json_atomic(json_path, out)
     md_path = os.path.join(opts.results_dir, f"{opts.dataset}.md")
@@ -571,24 +571,38 @@ def collect(opts, runs: list[Run], problems: dict[str, str] | None = None) -> di
     return out
 
 
-def user_blind_references(runs: list[Run]) -> dict | None:
-    """HR@1 on the test candidates of two rules that ignore the user: a random pick, and the candidate
-    with the most training interactions. Read on the split of the first finished run's config.json."""
-    for run in runs:
-        cfg = _read_json(os.path.join(run.workdir, "config.json"))
-        if cfg and finished_result(run.row, run.workdir) is not None:
-            break
-    else:
+def diagnostics(runs: list[Run], entries: list[dict]) -> dict | None:
+    """User-blind references (a random pick; the candidate with the most training interactions) on the
+    test rows the runs were evaluated on, and each finished LLM run's answer bias (eval.answer_bias),
+    added to its entry. Needs the split: read through the first finished run's config.json."""
+    configs = {run.key: _read_json(os.path.join(run.workdir, "config.json")) for run in runs}
+    done = [run for run in runs if configs[run.key] and finished_result(run.row, run.workdir) is not None]
+    done_keys = {run.key for run in done}
+    if not done:
         return None
     import ml_collections  # the split loader is only needed here; planning and running stay light
 
-    from rsllm_jax.data.splits import item_train_counts, load_split_from_config
-    from rsllm_jax.eval.answer_bias import most_popular_hr1
+    from rsllm_jax.data.splits import eval_subset, item_train_counts, load_split_from_config
+    from rsllm_jax.eval import answer_bias
 
-    split = load_split_from_config(ml_collections.ConfigDict(cfg["data"]))
+    first = configs[done[0].key]
+    split = load_split_from_config(ml_collections.ConfigDict(first["data"]))
     counts = item_train_counts(split.train, split.num_items)
-    return dict(n=len(split.test), random_hr1=1.0 / len(split.test[0]["candidates"]),
-                most_popular_hr1=most_popular_hr1(split.test, counts), source=f"{run.workdir}/config.json")
+
+    def test_rows(cfg) -> list[dict]:
+        return eval_subset(split.test, int((cfg.get("eval") or {}).get("max_rows") or 0))
+
+    for run, entry in zip(runs, entries):
+        path = os.path.join(run.workdir, "predictions_test.jsonl")
+        if run.key in done_keys and run.row.kind != "sasrec" and os.path.exists(path):
+            try:
+                entry["answer_bias"] = answer_bias.answer_bias(answer_bias.read_predictions(path),
+                                                               test_rows(configs[run.key]), counts)
+            except ValueError as e:  # predictions from before positions were recorded
+                entry["answer_bias"] = dict(error=str(e))
+    rows = test_rows(first)
+    return dict(n=len(rows), random_hr1=1.0 / len(rows[0]["candidates"]),
+                most_popular_hr1=answer_bias.most_popular_hr1(rows, counts), source=f"{done[0].workdir}/config.json")
 
 
 def _mean_std(values: list[float]) -> dict | None:
@@ -676,6 +690,15 @@ def markdown(out: dict) -> str:
         lines += ["", f"User-blind references on the same test rows (HR@1 = accuracy): a random candidate "
                       f"{ref['random_hr1']:.4f}; the candidate with the most training interactions "
                       f"{ref['most_popular_hr1']:.4f}."]
+    biased = {f"`{e['row']}` s{e['seed']}": e["answer_bias"] for e in out["runs"]
+              if isinstance(e.get("answer_bias"), dict) and "n" in e["answer_bias"]}
+    if biased:
+        from rsllm_jax.eval.answer_bias import table  # imported late, as in diagnostics()
+
+        lines += ["", "What the LLM rows' valid test answers follow (`python -m rsllm_jax.eval.answer_bias`): the "
+                      "position in the candidate list (a model that learned the format but not the user names one "
+                      "position) and the named item's training popularity among the row's candidates (0.5 = a "
+                      "random pick).", "", *table(biased)]
     if out["dataset"] == "steam":
         lines += ["", "Steam: LLaRA's train split is public only as a 1,000-row sample; the train set here adds the "
                       "windows inside the val/test histories (their targets are never trained on)."]

@@ -301,6 +301,13 @@ def test_tiny_end_to_end_and_resume(tiny_setup, monkeypatch, capsys):
     assert ref["n"] >= runs["rsllm-s0"]["metrics"]["n"]  # every test row (the runs evaluate max_rows)
     assert ref["random_hr1"] == pytest.approx(1 / 20) and 0.0 <= ref["most_popular_hr1"] <= 1.0
     assert f"{ref['most_popular_hr1']:.4f}" in md.split("User-blind references")[1]
+    # Every finished LLM run's test answers get an answer-bias report, in the JSON and the markdown.
+    for key in ("text_ft-s0", "rsllm-s0"):
+        bias = runs[key]["answer_bias"]
+        assert bias["n"] == runs[key]["metrics"]["n"]
+        assert bias["valid"] == round(runs[key]["metrics"]["valid_ratio"] * bias["n"])
+    assert "answer_bias" not in runs["sasrec-s0"]
+    assert "| `rsllm` s0 |" in md.split("What the LLM rows' valid test answers follow")[1]
 
     # Rerun: everything is finished, nothing runs again, the tables are rebuilt.
     mtime = (results / "custom.json").stat().st_mtime_ns

@@ -70,14 +70,12 @@ def answer_bias(preds: Sequence[dict], records: Sequence[dict], counts: np.ndarr
     return out
 
 
-def markdown(report: dict) -> str:
-    lines = [f"Answer bias on {report['dataset']} {report['split']} (valid answers only). User-blind references "
-             f"on all {report['rows']} rows: most-popular-candidate HR@1 {report['most_popular_hr1']:.3f}; "
-             f"a random pick 1/{report['num_candidates']} = {1 / report['num_candidates']:.3f}.", "",
-             "| run | valid / n | HitRatio@1 | most-popular HR@1, same rows | most named position (share) | "
+def table(runs: dict[str, dict]) -> list[str]:
+    """Markdown rows, one per run's `answer_bias` report."""
+    lines = ["| run | valid / n | HitRatio@1 | most-popular HR@1, same rows | most named position (share) | "
              "positions uniform: chi2 p | named item popularity pct | target popularity pct |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, r in report["runs"].items():
+    for name, r in runs.items():
         if not r.get("valid"):
             lines.append(f"| {name} | 0 / {r['n']} | - | - | - | - | - | - |")
             continue
@@ -85,7 +83,14 @@ def markdown(report: dict) -> str:
                      f"{r['most_popular_hr1_same_rows']:.3f} | {r['top_position']} ({r['top_position_share']:.2f}) | "
                      f"{r['position_uniform_p']:.2g} | {r['named_popularity_pct']:.2f} | "
                      f"{r['target_popularity_pct']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Answer bias on {report['dataset']} {report['split']} (valid answers only). User-blind references "
+             f"on all {report['rows']} rows: most-popular-candidate HR@1 {report['most_popular_hr1']:.3f}; "
+             f"a random pick 1/{report['num_candidates']} = {1 / report['num_candidates']:.3f}.", ""]
+    return "\n".join(lines + table(report["runs"])) + "\n"
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/stage2.py", "A run config; only its data block is read.")

@@ -18,9 +18,9 @@ Rows (see ROWS): sasrec, zero_shot, text_ft, llara_like, rsllm and the ablations
 id_only. Flag precedence in each command, lowest first: the per-dataset learning rate (LLaRA's: 8e-4
 MovieLens, 7e-4 LastFM, 5e-4 Steam; --lr overrides) < the flags after `--` (every LLM row; the
 `--config.data.*` ones and `--config.eval.max_rows` also reach stage 0, whose item ids and test rows must
-match) < what defines the row (its loss weights, prompts, stages, dataset, seed, dependency dirs) < --row_flag. An extra flag that a row's
-definition overrides is dropped for that row with a warning. data.split_seed is never touched, so the
-val/test rows and their candidates are LLaRA's for every seed.
+match) < what defines the row (its loss weights, prompts, stages, dataset, seed, dependency dirs) <
+--row_flag. An extra flag that a row's definition overrides is dropped for that row with a warning.
+data.split_seed is never touched, so the val/test rows and their candidates are LLaRA's for every seed.
 
 After the runs: <results_dir>/<dataset>.json (every run: test metrics, training samples, steps, wall time,
 the exact command, seed; git revision and dirty flag, date, host) and <results_dir>/<dataset>.md (mean ±

@@ -1,0 +1,168 @@
+"""One table and one figure across datasets, from the experiment driver's results/<dataset>.json.
+
+    python -m rsllm_jax.overview --results_dir=results [--datasets=movielens,lastfm,steam] [--out=results/overview]
+
+Writes <out>.md (row x dataset: accuracy = hits / all test rows, with the hit count, and ValidRatio;
+mean ± std when a row has several seeds) and <out>.png (accuracy per row, one group per dataset, with
+SASRec and the user-blind "most popular candidate" rule drawn as reference lines). Accuracy, not
+HitRatio@1, is the headline because it is comparable between an LLM that sometimes answers nothing
+usable and a ranker that always answers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from absl import app, flags
+
+DATASETS = ("movielens", "lastfm", "steam")
+
+
+def load(results_dir: str, datasets=DATASETS) -> dict[str, dict]:
+    """dataset -> the driver's output; datasets without a results file are left out."""
+    out = {}
+    for ds in datasets:
+        path = os.path.join(results_dir, f"{ds}.json")
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e}); rebuild it with "
+                             f"`python -m rsllm_jax.experiments --dataset={ds} --collect_only`") from None
+        for key in ("summary", "runs"):
+            if not isinstance(data.get(key), (dict, list)):
+                raise ValueError(f"{path}: field '{key}' missing; not written by rsllm_jax.experiments?")
+        out[ds] = data
+    if not out:
+        raise FileNotFoundError(f"no results/<dataset>.json for {', '.join(datasets)} under {results_dir}")
+    return out
+
+
+def _cell(stat, digits=3) -> str:
+    if not stat:
+        return "—"
+    if stat.get("std") is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _n_test(data: dict) -> int | None:
+    ns = {e["metrics"].get("n") for e in data["runs"] if e.get("status") == "finished" and e.get("metrics")}
+    ns.discard(None)
+    return max(ns) if len(ns) == 1 else None  # rows evaluated on different test sets: no hit count
+
+
+def row_order(results: dict[str, dict]) -> list[str]:
+    names: dict[str, None] = {}
+    for data in results.values():
+        # "rows" keeps the driver's order (summary's keys may have been sorted when written)
+        names.update(dict.fromkeys(data.get("rows") or data["summary"]))
+    return list(names)
+
+
+def markdown(results: dict[str, dict]) -> str:
+    datasets = list(results)
+    head = ["row"] + [f"{ds} accuracy (hits)" for ds in datasets] + [f"{ds} ValidRatio" for ds in datasets]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name in row_order(results):
+        acc, vr = [], []
+        for ds in datasets:
+            s = results[ds]["summary"].get(name) or {}
+            n = _n_test(results[ds])
+            a = s.get("accuracy")
+            hits = f" ({round(a['mean'] * n)})" if a and a.get("std") is None and n else ""
+            acc.append(_cell(a) + hits)
+            vr.append("—" if name == "sasrec" else _cell(s.get("valid_ratio")))
+        lines.append("| " + " | ".join([f"`{name}`", *acc, *vr]) + " |")
+    refs = []
+    for ds in datasets:
+        ref = results[ds].get("references") or {}
+        n = ref.get("n") or _n_test(results[ds])
+        if ref:
+            refs.append(f"{ds} (n = {n}): most popular candidate {ref['most_popular_hr1']:.3f}, "
+                        f"random {ref['random_hr1']:.3f}")
+    lines += ["", "Accuracy = hits / all test rows (for `sasrec`: HR@1 of its logits over the 20 candidates). "
+                  "Mean ± sample std over seeds where a row has several; the hit count where it has one."]
+    if refs:
+        lines += ["", "User-blind references on the same rows: " + "; ".join(refs) + "."]
+    revs = {ds: (d.get("git") or {}).get("revision", "unknown")[:12] for ds, d in results.items()}
+    lines += ["", "Sources: " + ", ".join(f"`{ds}.json` (git {rev})" for ds, rev in revs.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, dict], out: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(results)
+    names = [n for n in row_order(results) if n != "sasrec"]
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(3.0 + 2.4 * len(datasets), 4.2))
+    cmap = plt.get_cmap("tab10")
+    for j, name in enumerate(names):
+        xs, ys, es = [], [], []
+        for i, ds in enumerate(datasets):
+            a = (results[ds]["summary"].get(name) or {}).get("accuracy")
+            if a:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(a["mean"])
+                es.append(a["std"] or 0.0)
+        if not xs:  # a row no dataset has finished yet: no empty legend entry
+            continue
+        ax.bar(xs, ys, width, yerr=es if any(es) else None, label=name, color=cmap(j % 10))
+    for i, ds in enumerate(datasets):
+        s = (results[ds]["summary"].get("sasrec") or {}).get("accuracy")
+        ref = results[ds].get("references") or {}
+        if s:
+            ax.hlines(s["mean"], i - 0.45, i + 0.45, colors="black", linewidth=2,
+                      label="SASRec" if i == 0 else None)
+        if ref:
+            ax.hlines(ref["most_popular_hr1"], i - 0.45, i + 0.45, colors="gray", linestyles="--",
+                      label="most popular candidate" if i == 0 else None)
+            ax.hlines(ref["random_hr1"], i - 0.45, i + 0.45, colors="gray", linestyles=":",
+                      label="random candidate" if i == 0 else None)
+    ax.set_xticks(range(len(datasets)))
+    ax.set_xticklabels([f"{ds}\n(n = {(results[ds].get('references') or {}).get('n') or _n_test(results[ds]) or '?'})"
+                        for ds in datasets])
+    ax.set_ylabel("test accuracy (hits / all rows)")
+    ax.set_title("LLM rows vs SASRec, 20 frozen candidates")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    top = max([0.1] + [p.get_height() for p in ax.patches if math.isfinite(p.get_height())]
+              + [(results[ds]["summary"].get("sasrec") or {}).get("accuracy", {}).get("mean", 0) or 0 for ds in datasets])
+    ax.set_ylim(0, top * 1.15)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def write(results_dir: str, out: str, datasets=DATASETS) -> tuple[str, str]:
+    results = load(results_dir, datasets)
+    md = out + ".md"
+    tmp = md + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"# Overview: {', '.join(results)}\n\n" + markdown(results))
+    os.replace(tmp, md)
+    return md, plot(results, out + ".png")
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("results_dir", "results", "where rsllm_jax.experiments wrote <dataset>.json")
+flags.DEFINE_list("datasets", list(DATASETS), "datasets to include (those without a results file are skipped)")
+flags.DEFINE_string("out", None, "output path without extension (default <results_dir>/overview)")
+
+
+def main(argv):
+    del argv
+    md, png = write(FLAGS.results_dir, FLAGS.out or os.path.join(FLAGS.results_dir, "overview"), FLAGS.datasets)
+    print(open(md).read())
+    print(f"wrote {md} and {png}")
+
+
+if __name__ == "__main__":
+    app.run(main)

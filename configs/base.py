@@ -120,6 +120,11 @@ def get_config():
     c.eval.batch_size = 8
     c.eval.max_new_tokens = 64
     c.eval.two_tower = True
+    c.eval.generate = True  # LLaRA's generation protocol (ValidRatio, HitRatio@1)
+    # Rank the candidates by the LM's likelihood of each as the answer (one prefill + 20 short passes per
+    # prompt): a readout that cannot be invalid, to tell preference apart from answer format.
+    c.eval.score_candidates = False
+    c.eval.max_answer_tokens = 64  # likelihood readout: longer answers are scored on this prefix
     # 0 = every row of the split; >0 = a seeded random subset of N rows (data.splits.eval_subset), the same
     # rows for every model and stage 0 (CPU budgets on Steam's 1,194 test rows; smoke runs).
     c.eval.max_rows = 0

@@ -1,7 +1,7 @@
 """Run every row of one dataset's results table, resumably, then collect the tables.
 
     python -m rsllm_jax.experiments --dataset=movielens --root=runs/exp [--seeds=0,1,2] [--rows=rsllm,no_ut]
-        [--dry_run] [--collect_only] [--sasrec_dir=runs/sasrec-movielens] [--lr=8e-4]
+        [--dry_run] [--collect_only] [--likelihood] [--sasrec_dir=runs/sasrec-movielens] [--lr=8e-4]
         [--row_flag=text_ft:--config.train.max_train_samples=384 ...]
         [-- --config.train.max_train_samples=0 --config.llm.model=/path/to/hf_dir ...]
 
@@ -21,6 +21,10 @@ MovieLens, 7e-4 LastFM, 5e-4 Steam; --lr overrides) < the flags after `--` (ever
 match) < what defines the row (its loss weights, prompts, stages, dataset, seed, dependency dirs) <
 --row_flag. An extra flag that a row's definition overrides is dropped for that row with a warning.
 data.split_seed is never touched, so the val/test rows and their candidates are LLaRA's for every seed.
+
+`--likelihood` adds, after each LLM row, an evaluation of its checkpoint that ranks the 20 candidates by the
+LM's likelihood of each as the answer (<workdir>/likelihood/, the table's LL HR@1): a readout that cannot
+be invalid, so it shows whether a row learned the user's preference apart from the answer format.
 
 After the runs: <results_dir>/<dataset>.json (every run: test metrics, training samples, steps, wall time,
 the exact command, seed; git revision and dirty flag, date, host) and <results_dir>/<dataset>.md (mean ±
@@ -93,6 +97,7 @@ METRIC_COLUMNS = (
     ("hit_ratio_at_1", "HitRatio@1"),
     ("accuracy", "accuracy"),
     ("two_tower_hr1", "2T HR@1"),
+    ("likelihood_hr1", "LL HR@1"),
     ("hr10", "HR@10"),
     ("ndcg10", "NDCG@10"),
 )
@@ -139,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or 'tiny' for configs/tiny.py and its :stage1/:stage2/:eval variants")
     p.add_argument("--row_flag", action="append", default=[], metavar="ROW:--config.a.b=v",
                    help="a flag for one row only (repeatable); wins over everything else")
+    p.add_argument("--likelihood", action="store_true",
+                   help="after each LLM row, rank its test candidates by the LM's likelihood of each as the answer "
+                        "(configs/eval.py with config.eval.score_candidates into <workdir>/likelihood; the LL HR@1 "
+                        "column). Collection always reads these results where they exist")
     p.add_argument("--quiet", action="store_true", help="do not echo the runs' output (run.log still gets it)")
     return p
 
@@ -287,6 +296,38 @@ def _plan_one(opts, row: Row, seed: int, lr) -> Run:
     cmd = [sys.executable, "-m", "rsllm_jax.main", f"--config={opts.config_paths[row.kind]}",
            f"--workdir={workdir}", *flags]
     return Run(row, seed, workdir, cmd, deps, reused=row.name == "sasrec" and bool(opts.sasrec_dir), dropped=dropped)
+
+
+LIKELIHOOD_DIR = "likelihood"  # inside an LLM row's workdir
+
+
+def likelihood_run(opts, run: Run) -> Run | None:
+    """The candidate-likelihood evaluation of an LLM row's checkpoint (None for stage 0): the row's own
+    flags (prompt format, data, evaluation rows) on configs/eval.py, reading the row's workdir."""
+    if run.row.kind == "sasrec":
+        return None
+    flags = [f for f in run.command[3:] if not f.startswith(("--workdir=", "--config="))]
+    if run.row.kind != "eval":  # a trained row: evaluate its best checkpoint, in its own prompt format
+        flags += [_cfg("checkpoint", run.workdir), _cfg("checkpoint_stage", run.row.kind)]
+    flags, _ = _merge(flags, [_cfg("eval.split", "test"), _cfg("eval.generate", "False"),
+                              _cfg("eval.score_candidates", "True"), _cfg("eval.two_tower", "False")])
+    workdir = os.path.join(run.workdir, LIKELIHOOD_DIR)
+    cmd = [sys.executable, "-m", "rsllm_jax.main", f"--config={opts.config_paths['eval']}", f"--workdir={workdir}",
+           *flags]
+    row = dataclasses.replace(run.row, name=f"{run.row.name}:{LIKELIHOOD_DIR}", kind="eval",
+                              description=run.row.description + " (likelihood readout)")
+    return Run(row, run.seed, workdir, cmd, deps=[run.key])
+
+
+def with_likelihood(opts, runs: list[Run]) -> list[Run]:
+    """Execution order with --likelihood: each LLM run followed by its likelihood evaluation."""
+    out = []
+    for run in runs:
+        out.append(run)
+        extra = likelihood_run(opts, run) if opts.likelihood else None
+        if extra is not None:
+            out.append(extra)
+    return out
 
 
 # ---------------------------------------------------------------- state of a workdir
@@ -482,7 +523,8 @@ def extract(row: Row, workdir: str, result: dict) -> dict:
         t = result["test"]
         # Ranking by logits always names exactly one candidate: HitRatio@1 = accuracy = HR@1 (20 cand.).
         metrics = dict(valid_ratio=None, hit_ratio_at_1=t.get("hr1_cand"), accuracy=t.get("hr1_cand"),
-                       two_tower_hr1=None, hr10=t.get("hr10"), ndcg10=t.get("ndcg10"), n=t.get("n"))
+                       two_tower_hr1=None, likelihood_hr1=None, hr10=t.get("hr10"), ndcg10=t.get("ndcg10"),
+                       n=t.get("n"))
         val = {"hr1_cand": result.get("val", {}).get("hr1_cand")}
         return dict(metrics=metrics, val=val, train_samples=result.get("train_samples"), steps=_max_step(workdir),
                     best_step=result.get("best_step"), wall_time_s=result.get("wall_time_s"))
@@ -490,6 +532,10 @@ def extract(row: Row, workdir: str, result: dict) -> dict:
     metrics = dict(valid_ratio=t.get("valid_ratio"), hit_ratio_at_1=t.get("hit_ratio_at_1"),
                    accuracy=t.get("accuracy"), two_tower_hr1=t.get("two_tower_hr1"),
                    hr10=t.get("two_tower_hr10"), ndcg10=t.get("two_tower_ndcg10"), n=t.get("n"))
+    ll = _read_json(os.path.join(workdir, LIKELIHOOD_DIR, "metrics_test.json"))
+    ll = ll if isinstance(ll, dict) and ll.get("n") == t.get("n") else {}  # only on the same test rows
+    metrics.update(likelihood_hr1=ll.get("likelihood_hr1"), likelihood_sum_hr1=ll.get("likelihood_sum_hr1"),
+                   likelihood_mean_rank=ll.get("likelihood_mean_rank"))
     if row.kind == "eval":
         return dict(metrics=metrics, val=None, train_samples=0, steps=0, best_step=None,
                     wall_time_s=result.get("wall_time_s"))
@@ -681,7 +727,8 @@ def markdown(out: dict) -> str:
         + (f" ({', '.join(map(str, n_test))} rows)" if n_test else "")
         + ". Mean ± sample standard deviation (n - 1) over the finished seeds; `seeds` = finished/planned. "
         "ValidRatio = samples naming exactly one candidate / all; HitRatio@1 = hits / valid samples; "
-        "accuracy = hits / all. 2T = the two-tower protocol (cos(v_U, v_T) over the 20 candidates); HR@10 and "
+        "accuracy = hits / all. 2T = the two-tower protocol (cos(v_U, v_T) over the 20 candidates); LL = the 20 "
+        "candidates ranked by the LM's mean per-token log-likelihood of each as the answer (`--likelihood`); HR@10 and "
         "NDCG@10 rank the whole catalogue (two-tower for LLM rows, logits for `sasrec`, whose HitRatio@1 and "
         "accuracy are its HR@1 on the 20 candidates). Wall time is each run's own (training + evaluation).",
     ]
@@ -714,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     runs = plan_runs(opts)
     if opts.dry_run:
-        for run in runs:
+        for run in with_likelihood(opts, runs):
             state = ("done" if finished_result(run.row, run.workdir) is not None
                      else "reuse" if run.reused else "run")
             print(f"[{state}] {run.key}: " + (shlex.join(run.command) if not run.reused else f"(reused) {run.workdir}"))
@@ -729,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:  # not the main thread
             pass
         try:
-            problems = run_all(opts, runs)
+            problems = run_all(opts, with_likelihood(opts, runs))
         except (_Terminated, KeyboardInterrupt):
             _log("interrupted: collecting what has finished; run the same command again to resume")
             collect(opts, runs)

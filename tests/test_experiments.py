@@ -94,6 +94,36 @@ def test_dry_run_commands_overrides_and_dependencies(tmp_path, capsys):
     assert not (tmp_path / "exp").exists()
 
 
+def test_likelihood_runs_follow_each_llm_row(tmp_path):
+    root = str(tmp_path / "exp")
+    opts = ex.parse_args(["--dataset=lastfm", f"--root={root}", "--rows=zero_shot,rsllm", "--likelihood", "--",
+                          "--config.eval.max_rows=50", "--config.eval.split=val"])
+    plan = ex.with_likelihood(opts, ex.plan_runs(opts))
+    assert [r.key for r in plan] == ["sasrec-s0", "zero_shot-s0", "zero_shot:likelihood-s0", "text_ft-s0",
+                                     "text_ft:likelihood-s0", "rsllm-s0", "rsllm:likelihood-s0"]
+    by_key = {r.key: r for r in plan}
+    for name in ("zero_shot", "text_ft", "rsllm"):
+        run, ll = by_key[f"{name}-s0"], by_key[f"{name}:likelihood-s0"]
+        f, parent = _flags(ll.command), _flags(run.command)
+        assert f["--config"].endswith("configs/eval.py") and ll.deps == [run.key]
+        assert f["--workdir"] == ll.workdir == os.path.join(run.workdir, "likelihood")
+        assert f["--config.eval.generate"] == "False" and f["--config.eval.score_candidates"] == "True"
+        assert f["--config.eval.split"] == "test"  # the table's split, whatever the extras say
+        assert f["--config.eval.max_rows"] == "50" and f["--config.data.dataset"] == "lastfm"
+        assert ll.row.kind == "eval" and ex.finished_result(ll.row, ll.workdir) is None
+        if name == "zero_shot":  # evaluates the untrained model exactly as its row does
+            assert f["--config.checkpoint"] == "" and f["--config.prompts.chat_template"] == "auto"
+        else:  # the row's checkpoint, in the row's prompt format
+            assert f["--config.checkpoint"] == run.workdir
+            assert f["--config.checkpoint_stage"] == run.row.kind
+            for key in ("--config.prompts.use_ids", "--config.stage2.sasrec_dir"):
+                assert f.get(key) == parent.get(key)
+    assert _flags(by_key["text_ft:likelihood-s0"].command)["--config.prompts.use_ids"] == "False"
+    # Without the flag nothing is added.
+    opts = ex.parse_args(["--dataset=lastfm", f"--root={root}", "--rows=rsllm"])
+    assert [r.key for r in ex.with_likelihood(opts, ex.plan_runs(opts))] == ["sasrec-s0", "text_ft-s0", "rsllm-s0"]
+
+
 def test_rows_selection_lr_and_reused_sasrec(tmp_path):
     opts = ex.parse_args(["--dataset=steam", f"--root={tmp_path}", "--rows=no_tt", "--sasrec_dir=runs/sasrec-steam",
                           "--seeds=3,4", "--row_flag=text_ft:--config.train.max_train_samples=384"])
@@ -190,6 +220,11 @@ def test_collect_from_fake_workdirs(tmp_path):
     _write(d / "rsllm-s0" / "results.json", _llm_result(0.9, 0.4, 0.36, tt=0.2, wall=120.0))
     (d / "rsllm-s0" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0, "nip": 3.0}\n{"step": 2, "loss": 2.0}\n')
     _write(d / "rsllm-s1" / "results.json", _llm_result(0.8, 0.5, 0.40, tt=0.4, wall=180.0))
+    # Likelihood readouts: read where they exist, on the same test rows only.
+    _write(d / "rsllm-s0" / "likelihood" / "metrics_test.json", dict(n=95, likelihood_hr1=0.2, likelihood_sum_hr1=0.1,
+                                                                     likelihood_mean_rank=6.0))
+    _write(d / "rsllm-s1" / "likelihood" / "metrics_test.json", dict(n=95, likelihood_hr1=0.3))
+    _write(d / "text_ft-s0" / "likelihood" / "metrics_test.json", dict(n=50, likelihood_hr1=0.9))
     # text_ft: seed 0 finished, seed 1 failed; a stage run killed after writing metrics_test.json is unfinished.
     _write(d / "text_ft-s0" / "results.json", _llm_result(0.7, 0.3, 0.21, samples=192, steps=6))
     _write(d / "text_ft-s1" / "experiment.json", dict(command=["python", "-m", "x"], attempts=[
@@ -210,7 +245,8 @@ def test_collect_from_fake_workdirs(tmp_path):
     r0 = runs["rsllm-s0"]
     assert r0["status"] == "finished" and r0["seed"] == 0
     assert r0["metrics"] == dict(valid_ratio=0.9, hit_ratio_at_1=0.4, accuracy=0.36, two_tower_hr1=0.2, hr10=0.1,
-                                 ndcg10=0.05, n=95)
+                                 ndcg10=0.05, n=95, likelihood_hr1=0.2, likelihood_sum_hr1=0.1, likelihood_mean_rank=6.0)
+    assert runs["text_ft-s0"]["metrics"]["likelihood_hr1"] is None  # evaluated on other rows: not mixed in
     assert (r0["train_samples"], r0["steps"], r0["wall_time_s"]) == (384, 12, 120.0)
     assert "--config.stage2.stage1_dir=" + str(d / "text_ft-s0") in r0["command"]
     assert r0["command_source"] == "planned"
@@ -233,15 +269,17 @@ def test_collect_from_fake_workdirs(tmp_path):
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in md.splitlines() if line.startswith("| `")}
     assert list(table) == ["`sasrec`", "`zero_shot`", "`text_ft`", "`rsllm`", "`no_ut`"]
-    # what | seeds | ValidRatio | HitRatio@1 | accuracy | 2T HR@1 | HR@10 | NDCG@10 | samples | steps | wall
+    # what | seeds | ValidRatio | HitRatio@1 | accuracy | 2T HR@1 | LL HR@1 | HR@10 | NDCG@10 | samples | steps | wall
     rs = table["`rsllm`"]
     assert rs[1] == "2/2"
     assert rs[2] == f"0.8500 ± {np.std([0.9, 0.8], ddof=1):.4f}"
     assert rs[3] == f"0.4500 ± {np.std([0.4, 0.5], ddof=1):.4f}"
     assert rs[4] == f"0.3800 ± {np.std([0.36, 0.40], ddof=1):.4f}"
     assert rs[5] == f"0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f}"
-    assert rs[8:] == ["384", "12", f"2.5 ± {np.std([120, 180], ddof=1) / 60:.1f} min"]
+    assert rs[6] == f"0.2500 ± {np.std([0.2, 0.3], ddof=1):.4f}"
+    assert rs[9:] == ["384", "12", f"2.5 ± {np.std([120, 180], ddof=1) / 60:.1f} min"]
     assert table["`text_ft`"][1] == "1/2" and table["`text_ft`"][3] == "0.3000" and table["`text_ft`"][5] == "—"
+    assert table["`text_ft`"][6] == "—" and table["`sasrec`"][6] == "—"
     assert table["`sasrec`"][2] == "—" and table["`sasrec`"][3] == f"0.3500 ± {np.std([0.3, 0.4], ddof=1):.4f}"
     assert table["`zero_shot`"][1].startswith("1/1")
     assert table["`no_ut`"][1] == "0/2" and table["`no_ut`"][3] == "—"
@@ -269,7 +307,7 @@ def test_tiny_end_to_end_and_resume(tiny_setup, monkeypatch, capsys):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # fewer fake devices: faster
     root, results = tmp / "runs", tmp / "results"
     argv = ["--dataset=custom", f"--root={root}", f"--results_dir={results}", "--configs=tiny", "--rows=rsllm",
-            "--", *extra]
+            "--likelihood", "--", *extra]
     rc = ex.main(argv)
     first = capsys.readouterr().out
     assert rc == 0, first[-4000:]
@@ -286,6 +324,12 @@ def test_tiny_end_to_end_and_resume(tiny_setup, monkeypatch, capsys):
     assert runs["rsllm-s0"]["metrics"]["valid_ratio"] is not None
     assert runs["rsllm-s0"]["metrics"]["two_tower_hr1"] is not None
     assert runs["rsllm-s0"]["steps"] == 1 and runs["rsllm-s0"]["train_samples"] == 16
+    # --likelihood: each LLM row's checkpoint was also ranked by answer likelihood, on the same test rows.
+    for key in ("text_ft-s0", "rsllm-s0"):
+        assert 0.0 <= runs[key]["metrics"]["likelihood_hr1"] <= 1.0
+        assert 1.0 <= runs[key]["metrics"]["likelihood_mean_rank"] <= 20.0
+        assert (d / key / "likelihood" / "predictions_test.jsonl").exists()
+    assert "restored" in (d / "rsllm-s0" / "likelihood" / "run.log").read_text()
     cmd = runs["rsllm-s0"]["command"]
     assert f"--config.stage2.stage1_dir={d / 'text_ft-s0'}" in cmd
     assert f"--config.stage2.sasrec_dir={d / 'sasrec-s0'}" in cmd
@@ -313,6 +357,8 @@ def test_tiny_end_to_end_and_resume(tiny_setup, monkeypatch, capsys):
     mtime = (results / "custom.json").stat().st_mtime_ns
     assert ex.main(argv) == 0
     second = capsys.readouterr().out
+    for key in ("text_ft:likelihood-s0", "rsllm:likelihood-s0"):
+        assert f"{key}: finished, skipping" in second
     for key in runs:
         assert f"{key}: finished, skipping" in second
         record = json.loads((d / key / "experiment.json").read_text())

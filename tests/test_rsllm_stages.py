@@ -78,3 +78,48 @@ def test_stage1_stage2_eval_smoke(tmp_path, monkeypatch):
     # Evaluating the saved best checkpoint reproduces the run's own test numbers.
     assert m["accuracy"] == r2["test"]["accuracy"] and m["two_tower_hr1"] == r2["test"]["two_tower_hr1"]
     assert os.path.exists(tmp_path / "eval" / "metrics_test.json")
+
+    # The candidate-likelihood readout, alone (no generation): every row gets a ranking of its candidates,
+    # and that ranking is the one teacher forcing gives (the NIP loss's own log-likelihoods per answer).
+    ce.eval.generate, ce.eval.score_candidates = False, True
+    ml = run_eval(ce, str(tmp_path / "eval_ll"), llm=llm)
+    assert ml["n"] == r2["test"]["n"] and "valid_ratio" not in ml
+    assert 0.0 <= ml["likelihood_hr1"] <= 1.0 and 0.0 <= ml["likelihood_sum_hr1"] <= 1.0
+    assert 1.0 <= ml["likelihood_mean_rank"] <= 20.0
+    assert ml["two_tower_hr1"] == r2["test"]["two_tower_hr1"]  # the other readouts are untouched
+    preds = [json.loads(line) for line in (tmp_path / "eval_ll" / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(preds) == ml["n"] and "output" not in preds[0]
+    assert np.mean([p["likelihood_target_rank"] == 1 for p in preds]) == ml["likelihood_hr1"]
+    _check_likelihood_ranks_against_teacher_forcing(ce, llm, preds[:3])
+
+
+def _check_likelihood_ranks_against_teacher_forcing(cfg, llm, preds):
+    import jax
+    import jax.numpy as jnp
+
+    from rsllm_jax import sharding
+    from rsllm_jax.data.splits import eval_subset
+    from rsllm_jax.train.rsllm_setup import build_rsllm
+    from rsllm_jax.train.rsllm_trainer import _restore_trainable, prompt_builder, split_for
+
+    split = split_for(cfg, cfg.data.dataset)
+    rec_table = np.load(os.path.join(cfg.checkpoint, "item_embeddings.npy"))
+    built = build_rsllm(cfg, sharding.make_mesh(cfg.mesh), num_items=split.num_items, rec_table=rec_table,
+                        extra_params=_restore_trainable(cfg.checkpoint), llm=llm, seed=cfg.seed)
+    builder = prompt_builder(cfg, built.tokenizer, split, built.model.config.llm.vocab_size)
+    params = jax.device_get(built.params)
+    records = eval_subset(split.test, cfg.eval.max_rows)
+    for p in preds:
+        rec = records[p["row"]]
+        means = []
+        for c in rec["candidates"]:
+            ex = builder.render(rec["history"], rec["candidates"], c, cfg.prompts.eval_template, True)
+            logits, _ = built.model.apply({"params": params}, ex["input_ids"][None], ex["attention_mask"][None],
+                                          ex["slot_items"][None])
+            # Labels of prompt positions may be added-token ids past the LM vocabulary: gather answer labels only.
+            pos = np.flatnonzero(ex["loss_mask"])
+            logp = jax.nn.log_softmax(logits[0, pos])[np.arange(len(pos)), ex["labels"][pos]]
+            means.append(float(jnp.mean(logp)))
+        means = np.asarray(means)
+        assert p["likelihood_target_rank"] == int(np.sum(means >= means[p["target_position"]]))
+        assert p["likelihood_top_position"] == int(np.argmax(means))

@@ -171,9 +171,7 @@ class PromptBuilder:
                 t, s = self._items(candidates, use_ids)
                 ids, slots, hist = ids + t, slots + s, hist + [0] * len(t)
         prompt_len = len(ids)
-        # A completion continues "Answer:" after a space; a chat reply starts a fresh assistant turn.
-        lead = "" if self.chat else " "
-        answer = [] if target is None else self.encode_text(lead + self.titles[target] + "\n")
+        answer = [] if target is None else self.answer_ids(target)
         ids, slots, hist = ids + answer, slots + [-1] * len(answer), hist + [0] * len(answer)
         answer_mask = [0] * prompt_len + [1] * len(answer)
         out = dict(
@@ -185,6 +183,12 @@ class PromptBuilder:
         out["labels"] = np.append(out["input_ids"][1:], 0).astype(np.int32)
         out["loss_mask"] = np.append(out["answer_mask"][1:], 0).astype(np.int32)
         return out
+
+    def answer_ids(self, item: int) -> list[int]:
+        """The answer tokens the LM is trained on for `item` (title and the newline that ends it)."""
+        # A completion continues "Answer:" after a space; a chat reply starts a fresh assistant turn.
+        lead = "" if self.chat else " "
+        return self.encode_text(lead + self.titles[item] + "\n")
 
     def render_target(self, item: int, use_ids: bool) -> dict[str, np.ndarray]:
         """Second tower input: the target item alone (`<title> [IID]`, or `<title>` text-only)."""

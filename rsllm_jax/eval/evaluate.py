@@ -4,6 +4,9 @@ Generation protocol (LLaRA): batched KV-cache greedy decoding of the hybrid prom
 substring matching against the 20 frozen candidates -> ValidRatio, HitRatio@1, accuracy.
 Two-tower protocol (ours): v_U from the prompt's history span vs v_T of each item (the item alone,
 computed once per item and cached on disk) -> HR@1 on the candidates, HR@10 / NDCG@10 on the catalogue.
+Candidate likelihood (optional, `score_candidates`): the 20 candidates ranked by the LM's log-likelihood
+of each as the answer (mean per token, and summed) -> likelihood HR@1 and the target's mean rank. It
+never fails to answer, so it tells preference apart from answer format.
 
 Writes <out_dir>/predictions_<name>.jsonl and <out_dir>/metrics_<name>.json.
 """
@@ -28,6 +31,7 @@ from rsllm_jax.eval import generation_metrics, ranking
 from rsllm_jax.models.generate import blank_token_ids, for_inference, generate, stop_token_ids
 from rsllm_jax.models.llama import Llama
 from rsllm_jax.models.rsllm import RSLLM
+from rsllm_jax.models.score import continuation_logprobs
 from rsllm_jax.train.run_log import is_writer, write_json_atomic
 
 
@@ -35,9 +39,14 @@ class Evaluator:
     """Holds the jitted pieces for one model; `run` evaluates a params tree on some records."""
 
     def __init__(self, model: RSLLM, tokenizer, builder: PromptBuilder, mesh, *, batch_size: int,
-                 max_new_tokens: int, template: int, use_ids: bool, buckets: Sequence[int]):
+                 max_new_tokens: int, template: int, use_ids: bool, buckets: Sequence[int],
+                 generate: bool = True, score_candidates: bool = False, max_answer_tokens: int = 64):
+        if not (generate or score_candidates):
+            raise ValueError("config.eval: generate and score_candidates are both off; nothing to evaluate")
         self.model, self.tok, self.builder, self.mesh = model, tokenizer, builder, mesh
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.generate, self.score_candidates, self.max_answer_tokens = generate, score_candidates, max_answer_tokens
+        self._answers: dict[int, list[int]] = {}  # item -> answer token ids (likelihood readout)
         self.template, self.use_ids, self.buckets = template, use_ids, tuple(buckets)
         self.llm = Llama(model.config.llm, dtype=model.dtype, param_dtype=model.param_dtype, lora=model.lora)
         self.stop_ids = np.asarray(stop_token_ids(tokenizer, ("\n",)), np.int32)
@@ -52,6 +61,28 @@ class Evaluator:
     def _global(self, x) -> jax.Array:
         # Every process holds the whole evaluation batch; each places its rows on its own devices.
         return sharding.host_to_global(x, self.mesh)
+
+    # -- candidate likelihood
+    def _candidate_answers(self, rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's candidates as answer token ids [B, K, L] and mask, right-padded; L is rounded up to a
+        multiple of 8 (few compiled shapes) and capped at max_answer_tokens (longer answers are scored
+        on that prefix, which the cap should make rare)."""
+        answers = [[self._answer(c) for c in rec["candidates"]] for rec in rows]
+        longest = max(len(a) for row in answers for a in row)
+        length = min(-(-longest // 8) * 8, self.max_answer_tokens)
+        ids = np.zeros((len(rows), len(answers[0]), length), np.int32)
+        mask = np.zeros_like(ids)
+        for b, row in enumerate(answers):
+            for k, a in enumerate(row):
+                a = a[:length]
+                ids[b, k, : len(a)] = a
+                mask[b, k, : len(a)] = 1
+        return ids, mask
+
+    def _answer(self, item: int) -> list[int]:
+        if item not in self._answers:
+            self._answers[item] = self.builder.answer_ids(item)
+        return self._answers[item]
 
     # -- two-tower item side
     def item_vectors(self, params, num_items: int, cache_path: str | None = None) -> np.ndarray:
@@ -91,31 +122,49 @@ class Evaluator:
         item_vecs = self.item_vectors(params, num_items, item_cache) if two_tower else None
         ds = eval_batches(records, EvalExample(self.builder, template=self.template, use_ids=self.use_ids),
                           global_batch_size=self.batch_size, buckets=self.buckets)
-        scored, preds, cand_hits, ranks = [], [], [], []
+        scored, preds, cand_hits, ranks, ll_ranks, ll_sum_ranks = [], [], [], [], [], []
         n_batches = -(-len(records) // self.batch_size)
         llm, llm_params = for_inference(self.llm, params["llm"])
         for batch in tqdm(ds, total=n_batches, desc=f"eval {name}", disable=not is_writer(), leave=False):
             valid = batch["valid"].astype(bool)
+            # Filler rows at the end (valid = 0) copy row 0; their index is past the end.
+            rows = [records[int(r) if int(r) < len(records) else 0] for r in batch["row"]]
             ids, mask, slots = (self._global(batch[k]) for k in ("input_ids", "attention_mask", "slot_items"))
             embeds = self._embed(params, ids, slots)
-            tokens, lengths = generate(llm, llm_params, inputs_embeds=embeds, attention_mask=mask,
-                                       max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
-                                       leading_ids=self.leading_ids)
-            tokens, lengths = sharding.to_host(tokens), sharding.to_host(lengths)
+            if self.generate:
+                tokens, lengths = generate(llm, llm_params, inputs_embeds=embeds, attention_mask=mask,
+                                           max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
+                                           leading_ids=self.leading_ids)
+                tokens, lengths = sharding.to_host(tokens), sharding.to_host(lengths)
+            if self.score_candidates:
+                cont_ids, cont_mask = self._candidate_answers(rows)
+                logp = sharding.to_host(continuation_logprobs(
+                    llm, llm_params, inputs_embeds=embeds, attention_mask=mask,
+                    continuation_ids=self._global(cont_ids), continuation_mask=self._global(cont_mask)))
+                ll_sum = logp.sum(-1)  # [B, K]
+                ll_mean = ll_sum / cont_mask.sum(-1)
             if two_tower:
                 v_user = sharding.to_host(self._pooled(params, ids, mask, slots, self._global(batch["history_mask"])))
             for j in np.flatnonzero(valid):
-                rec = records[int(batch["row"][j])]
-                text = self.tok.decode(tokens[j, : lengths[j]], skip_special_tokens=True)
+                rec = rows[j]
                 cand_titles = [titles[c] for c in rec["candidates"]]
-                s = generation_metrics.score_answer(text, cand_titles, rec["candidates"].index(rec["target"]))
-                scored.append(s)
-                pred = dict(row=int(batch["row"][j]), user=rec.get("user"), output=text,
-                            matched=[cand_titles[i] for i in s["named"]], target=titles[rec["target"]], hit=s["hit"],
-                            # Positions in the prompt's candidate list and item ids: what eval.answer_bias reads.
-                            named_positions=[int(i) for i in s["named"]],
-                            target_position=int(rec["candidates"].index(rec["target"])),
-                            named_items=[int(rec["candidates"][i]) for i in s["named"]], target_item=int(rec["target"]))
+                target_pos = int(rec["candidates"].index(rec["target"]))
+                pred = dict(row=int(batch["row"][j]), user=rec.get("user"), target=titles[rec["target"]],
+                            target_position=target_pos, target_item=int(rec["target"]))
+                if self.generate:
+                    text = self.tok.decode(tokens[j, : lengths[j]], skip_special_tokens=True)
+                    s = generation_metrics.score_answer(text, cand_titles, target_pos)
+                    scored.append(s)
+                    pred.update(output=text, matched=[cand_titles[i] for i in s["named"]], hit=s["hit"],
+                                # Positions in the prompt's candidate list and item ids: what eval.answer_bias reads.
+                                named_positions=[int(i) for i in s["named"]],
+                                named_items=[int(rec["candidates"][i]) for i in s["named"]])
+                if self.score_candidates:
+                    # Rank 1 = best; ties count against the target (no credit for a flat score).
+                    ll_ranks.append(int(np.sum(ll_mean[j] >= ll_mean[j, target_pos])))
+                    ll_sum_ranks.append(int(np.sum(ll_sum[j] >= ll_sum[j, target_pos])))
+                    pred.update(likelihood_top_position=int(np.argmax(ll_mean[j])), likelihood_target_rank=ll_ranks[-1],
+                                likelihood_sum_target_rank=ll_sum_ranks[-1])
                 if two_tower:
                     u = v_user[j]
                     cand_scores = item_vecs[rec["candidates"]] @ u
@@ -127,7 +176,11 @@ class Evaluator:
                     ranks.append(int(r[0]))
                     pred["two_tower_top"] = titles[top]
                 preds.append(pred)
-        metrics = generation_metrics.aggregate(scored)
+        metrics = generation_metrics.aggregate(scored) if self.generate else dict(n=len(preds))
+        if self.score_candidates:
+            ll_ranks, ll_sum_ranks = np.asarray(ll_ranks), np.asarray(ll_sum_ranks)
+            metrics.update(likelihood_hr1=float(np.mean(ll_ranks == 1)), likelihood_sum_hr1=float(np.mean(ll_sum_ranks == 1)),
+                           likelihood_mean_rank=float(np.mean(ll_ranks)))
         if two_tower:
             hr10, ndcg10 = ranking.hr_ndcg_at_k(np.asarray(ranks), 10)
             metrics.update(two_tower_hr1=float(np.mean(cand_hits)), two_tower_hr10=float(np.mean(hr10)),

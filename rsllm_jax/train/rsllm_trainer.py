@@ -201,8 +201,11 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
         val_records = val_records[: cfg.train.val_samples]
     evaluator = Evaluator(built.model, built.tokenizer, builders[target], mesh, batch_size=cfg.eval.batch_size,
                           max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompts.eval_template,
-                          use_ids=use_ids, buckets=cfg.prompts.buckets)
+                          use_ids=use_ids, buckets=cfg.prompts.buckets, **evaluator_options(cfg))
 
+    if cfg.train.eval_every_steps and not evaluator.generate:
+        raise ValueError("config.train.eval_every_steps > 0 picks the best step by generated answers' accuracy: "
+                         "keep config.eval.generate=True (or set eval_every_steps=0)")
     log = MetricsLog(workdir)
     step_fn = None
     start = int(state.step)
@@ -285,6 +288,13 @@ def merge(state: step_lib.TrainState) -> dict:
     return merge_trees(state.trainable, state.frozen)
 
 
+def evaluator_options(cfg) -> dict:
+    """The optional readouts (config.eval); older configs without the fields keep generation only."""
+    e = cfg.eval
+    return dict(generate=e.get("generate", True), score_candidates=e.get("score_candidates", False),
+                max_answer_tokens=e.get("max_answer_tokens", 64))
+
+
 def run_eval(cfg, workdir: str, *, llm=None) -> dict:
     """Evaluate `cfg.checkpoint` (a stage-1/2 run dir; "" = the untrained model) on `cfg.eval.split`."""
     mesh = sharding.make_mesh(cfg.mesh)
@@ -306,7 +316,7 @@ def run_eval(cfg, workdir: str, *, llm=None) -> dict:
     builder = prompt_builder(cfg, built.tokenizer, split, built.model.config.llm.vocab_size)
     evaluator = Evaluator(built.model, built.tokenizer, builder, mesh, batch_size=cfg.eval.batch_size,
                           max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompts.eval_template,
-                          use_ids=not text_only, buckets=cfg.prompts.buckets)
+                          use_ids=not text_only, buckets=cfg.prompts.buckets, **evaluator_options(cfg))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         metrics = evaluator.run(built.params, getattr(split, cfg.eval.split), split.titles, out_dir=workdir,
                                 name=cfg.eval.split, two_tower=cfg.eval.two_tower, limit=cfg.eval.max_rows)

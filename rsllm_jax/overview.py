@@ -65,10 +65,13 @@ def row_order(results: dict[str, dict]) -> list[str]:
 
 def markdown(results: dict[str, dict]) -> str:
     datasets = list(results)
-    head = ["row"] + [f"{ds} accuracy (hits)" for ds in datasets] + [f"{ds} ValidRatio" for ds in datasets]
+    # The likelihood readout's columns only when some dataset has it (experiments --likelihood).
+    with_ll = any((s or {}).get("likelihood_hr1") for d in results.values() for s in d["summary"].values())
+    head = (["row"] + [f"{ds} accuracy (hits)" for ds in datasets] + [f"{ds} ValidRatio" for ds in datasets]
+            + ([f"{ds} LL HR@1" for ds in datasets] if with_ll else []))
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name in row_order(results):
-        acc, vr = [], []
+        acc, vr, ll = [], [], []
         for ds in datasets:
             s = results[ds]["summary"].get(name) or {}
             n = _n_test(results[ds])
@@ -76,7 +79,8 @@ def markdown(results: dict[str, dict]) -> str:
             hits = f" ({round(a['mean'] * n)})" if a and a.get("std") is None and n else ""
             acc.append(_cell(a) + hits)
             vr.append("—" if name == "sasrec" else _cell(s.get("valid_ratio")))
-        lines.append("| " + " | ".join([f"`{name}`", *acc, *vr]) + " |")
+            ll.append(_cell(s.get("likelihood_hr1")))
+        lines.append("| " + " | ".join([f"`{name}`", *acc, *vr, *(ll if with_ll else [])]) + " |")
     refs = []
     for ds in datasets:
         ref = results[ds].get("references") or {}
@@ -85,7 +89,9 @@ def markdown(results: dict[str, dict]) -> str:
             refs.append(f"{ds} (n = {n}): most popular candidate {ref['most_popular_hr1']:.3f}, "
                         f"random {ref['random_hr1']:.3f}")
     lines += ["", "Accuracy = hits / all test rows (for `sasrec`: HR@1 of its logits over the 20 candidates). "
-                  "Mean ± sample std over seeds where a row has several; the hit count where it has one."]
+                  "Mean ± sample std over seeds where a row has several; the hit count where it has one."
+              + (" LL HR@1: the candidates ranked by the LM's mean per-token log-likelihood of each as the answer "
+                 "(never invalid)." if with_ll else "")]
     if refs:
         lines += ["", "User-blind references on the same rows: " + "; ".join(refs) + "."]
     revs = {ds: (d.get("git") or {}).get("revision", "unknown")[:12] for ds, d in results.items()}

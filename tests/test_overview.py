@@ -18,14 +18,16 @@ def _llm(valid, acc, n):
     return dict(stage="stage2", test=test, train_samples=256, steps=8, best_step=8, wall_time_s=60.0)
 
 
-@pytest.fixture
-def results(tmp_path):
+@pytest.fixture(params=[False])
+def results(tmp_path, request):
     root, out = tmp_path / "exp", tmp_path / "results"
     ml = root / "movielens"
     _write(ml / "sasrec-s0" / "results.json", dict(test=dict(hr1_cand=32 / 95, n=95), train_samples=10))
     _write(ml / "text_ft-s0" / "results.json", _llm(0.7, 7 / 95, 95))
     _write(ml / "rsllm-s0" / "results.json", _llm(0.6, 5 / 95, 95))
     _write(ml / "rsllm-s1" / "results.json", _llm(0.8, 9 / 95, 95))
+    if request.param:  # the likelihood readout of one run (experiments --likelihood)
+        _write(ml / "rsllm-s0" / "likelihood" / "metrics_test.json", dict(n=95, likelihood_hr1=0.25))
     lf = root / "lastfm"
     _write(lf / "sasrec-s0" / "results.json", dict(test=dict(hr1_cand=40 / 122, n=122), train_samples=10))
     _write(lf / "rsllm-s0" / "results.json", _llm(0.9, 12 / 122, 122))
@@ -59,6 +61,7 @@ def test_overview_table_and_figure(results):
     assert table["`rsllm`"][1] == "0.098 (12)" and table["`rsllm`"][3] == "0.900"
     assert "lastfm (n = 122): most popular candidate 0.098, random 0.050" in md
     assert "movielens (n =" not in md  # no references recorded for it: none invented
+    assert "LL HR@1" not in md  # no likelihood readout anywhere: no empty columns
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -74,3 +77,12 @@ def test_overview_errors_name_the_file(results, tmp_path):
         overview.load(str(tmp_path / "empty"))
     # Only the datasets asked for are read.
     assert list(overview.load(str(results), ["movielens"])) == ["movielens"]
+
+
+@pytest.mark.parametrize("results", [True], indirect=True)
+def test_overview_likelihood_columns(results):
+    md = open(overview.write(str(results), str(results / "overview"))[0]).read()
+    table = _table(md)
+    # ML acc, LastFM acc, ML VR, LastFM VR, ML LL, LastFM LL
+    assert table["`rsllm`"][4:] == ["0.250", "—"] and table["`sasrec`"][4:] == ["—", "—"]
+    assert "LL HR@1: the candidates ranked" in md

@@ -157,18 +157,17 @@ def write(results_dir: str, out: str, datasets=DATASETS) -> tuple[str, str]:
     return md, plot(results, out + ".png")
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("results_dir", "results", "where rsllm_jax.experiments wrote <dataset>.json")
-flags.DEFINE_list("datasets", list(DATASETS), "datasets to include (those without a results file are skipped)")
-flags.DEFINE_string("out", None, "output path without extension (default <results_dir>/overview)")
-
-
 def main(argv):
     del argv
-    md, png = write(FLAGS.results_dir, FLAGS.out or os.path.join(FLAGS.results_dir, "overview"), FLAGS.datasets)
+    f = flags.FLAGS
+    md, png = write(f.results_dir, f.out or os.path.join(f.results_dir, "overview"), f.datasets)
     print(open(md).read())
     print(f"wrote {md} and {png}")
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: tests and other tools import this module next to other CLIs' flags.
+    flags.DEFINE_string("results_dir", "results", "where rsllm_jax.experiments wrote <dataset>.json")
+    flags.DEFINE_list("datasets", list(DATASETS), "datasets to include (those without a results file are skipped)")
+    flags.DEFINE_string("out", None, "output path without extension (default <results_dir>/overview)")
     app.run(main)

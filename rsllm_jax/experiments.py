@@ -603,9 +603,11 @@ def collect(opts, runs: list[Run], problems: dict[str, str] | None = None) -> di
                 entry["curves"] = curves
         entries.append(entry)
     summary = summarize(entries)
+    # The test-row counts the finished runs were evaluated on (one value unless eval.max_rows differs).
+    n_test = sorted({e["metrics"]["n"] for e in entries if e["status"] == "finished" and e["metrics"].get("n")})
     out = dict(dataset=opts.dataset, date=_now(), host=socket.gethostname(), git=_git(), root=opts.root,
                seeds=opts.seed_list, rows=[r.name for r in opts.row_list], extra_flags=list(opts.extra),
-               runs=entries, summary=summary, references=diagnostics(runs, entries))
+               runs=entries, summary=summary, n_test=n_test, references=diagnostics(runs, entries))
     json_path = os.path.join(opts.results_dir, f"{opts.dataset}.json")
     write_json_atomic(json_path, out)
     md_path = os.path.join(opts.results_dir, f"{opts.dataset}.md")
@@ -720,7 +722,7 @@ def markdown(out: dict) -> str:
         cells = [f"`{name}`", e["description"], seeds, *(_fmt(s[k]) for k, _ in METRIC_COLUMNS),
                  _fmt_count(s["train_samples"]), _fmt_count(s["steps"]), _fmt_time(s["wall_time_s"])]
         lines.append("| " + " | ".join(cells) + " |")
-    n_test = sorted({e["metrics"]["n"] for e in out["runs"] if e["status"] == "finished" and e["metrics"].get("n")})
+    n_test = out["n_test"]
     lines += [
         "",
         "Test split"

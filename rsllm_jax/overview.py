@@ -11,7 +11,6 @@ usable and a ranker that always answers.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from absl import app, flags
@@ -50,9 +49,8 @@ def _cell(stat, digits=3) -> str:
 
 
 def _n_test(data: dict) -> int | None:
-    ns = {e["metrics"].get("n") for e in data["runs"] if e.get("status") == "finished" and e.get("metrics")}
-    ns.discard(None)
-    return max(ns) if len(ns) == 1 else None  # rows evaluated on different test sets: no hit count
+    ns = data.get("n_test") or []  # written by experiments' collection
+    return ns[0] if len(ns) == 1 else None  # rows evaluated on different test sets: no hit count
 
 
 def row_order(results: dict[str, dict]) -> list[str]:
@@ -84,7 +82,7 @@ def markdown(results: dict[str, dict]) -> str:
     refs = []
     for ds in datasets:
         ref = results[ds].get("references") or {}
-        n = ref.get("n") or _n_test(results[ds])
+        n = ref.get("n")
         if ref:
             refs.append(f"{ds} (n = {n}): most popular candidate {ref['most_popular_hr1']:.3f}, "
                         f"random {ref['random_hr1']:.3f}")
@@ -110,6 +108,7 @@ def plot(results: dict[str, dict], out: str) -> str:
     width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(3.0 + 2.4 * len(datasets), 4.2))
     cmap = plt.get_cmap("tab10")
+    plotted = [0.1]  # every bar top and reference line, for the y-limit
     for j, name in enumerate(names):
         xs, ys, es = [], [], []
         for i, ds in enumerate(datasets):
@@ -121,9 +120,12 @@ def plot(results: dict[str, dict], out: str) -> str:
         if not xs:  # a row no dataset has finished yet: no empty legend entry
             continue
         ax.bar(xs, ys, width, yerr=es if any(es) else None, label=name, color=cmap(j % 10))
+        plotted += [y + e for y, e in zip(ys, es)]
     for i, ds in enumerate(datasets):
         s = (results[ds]["summary"].get("sasrec") or {}).get("accuracy")
         ref = results[ds].get("references") or {}
+        plotted += [s["mean"]] if s else []
+        plotted += [ref["most_popular_hr1"]] if ref else []
         if s:
             ax.hlines(s["mean"], i - 0.45, i + 0.45, colors="black", linewidth=2,
                       label="SASRec" if i == 0 else None)
@@ -133,14 +135,11 @@ def plot(results: dict[str, dict], out: str) -> str:
             ax.hlines(ref["random_hr1"], i - 0.45, i + 0.45, colors="gray", linestyles=":",
                       label="random candidate" if i == 0 else None)
     ax.set_xticks(range(len(datasets)))
-    ax.set_xticklabels([f"{ds}\n(n = {(results[ds].get('references') or {}).get('n') or _n_test(results[ds]) or '?'})"
-                        for ds in datasets])
+    ax.set_xticklabels([f"{ds}\n(n = {_n_test(results[ds]) or '?'})" for ds in datasets])
     ax.set_ylabel("test accuracy (hits / all rows)")
     ax.set_title("LLM rows vs SASRec, 20 frozen candidates")
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    top = max([0.1] + [p.get_height() for p in ax.patches if math.isfinite(p.get_height())]
-              + [(results[ds]["summary"].get("sasrec") or {}).get("accuracy", {}).get("mean", 0) or 0 for ds in datasets])
-    ax.set_ylim(0, top * 1.15)
+    ax.set_ylim(0, 1.15 * max(plotted))  # room above the tallest bar or line; the legend sits below
     fig.tight_layout()
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -35,6 +35,8 @@ def results(tmp_path, request):
         argv = [f"--dataset={ds}", f"--root={root}", f"--seeds={seeds}", "--collect_only", f"--results_dir={out}",
                 "--rows=sasrec,text_ft,rsllm"]
         assert ex.main(argv) == 0
+    # Collection stores the test-row count once; the overview's hit counts read it.
+    assert json.loads((out / "movielens.json").read_text())["n_test"] == [95]
     # The references need a real split (diagnostics()); give one dataset a recorded pair.
     path = out / "lastfm.json"
     data = json.loads(path.read_text())

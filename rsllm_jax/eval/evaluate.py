@@ -45,7 +45,7 @@ class Evaluator:
             raise ValueError("config.eval: generate and score_candidates are both off; nothing to evaluate")
         self.model, self.tok, self.builder, self.mesh = model, tokenizer, builder, mesh
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.generate, self.score_candidates, self.max_answer_tokens = generate, score_candidates, max_answer_tokens
+        self.do_generate, self.score_candidates, self.max_answer_tokens = generate, score_candidates, max_answer_tokens
         self._answers: dict[int, list[int]] = {}  # item -> answer token ids (likelihood readout)
         self.template, self.use_ids, self.buckets = template, use_ids, tuple(buckets)
         self.llm = Llama(model.config.llm, dtype=model.dtype, param_dtype=model.param_dtype, lora=model.lora)
@@ -131,7 +131,7 @@ class Evaluator:
             rows = [records[int(r) if int(r) < len(records) else 0] for r in batch["row"]]
             ids, mask, slots = (self._global(batch[k]) for k in ("input_ids", "attention_mask", "slot_items"))
             embeds = self._embed(params, ids, slots)
-            if self.generate:
+            if self.do_generate:
                 tokens, lengths = generate(llm, llm_params, inputs_embeds=embeds, attention_mask=mask,
                                            max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                            leading_ids=self.leading_ids)
@@ -151,7 +151,7 @@ class Evaluator:
                 target_pos = int(rec["candidates"].index(rec["target"]))
                 pred = dict(row=int(batch["row"][j]), user=rec.get("user"), target=titles[rec["target"]],
                             target_position=target_pos, target_item=int(rec["target"]))
-                if self.generate:
+                if self.do_generate:
                     text = self.tok.decode(tokens[j, : lengths[j]], skip_special_tokens=True)
                     s = generation_metrics.score_answer(text, cand_titles, target_pos)
                     scored.append(s)
@@ -176,7 +176,7 @@ class Evaluator:
                     ranks.append(int(r[0]))
                     pred["two_tower_top"] = titles[top]
                 preds.append(pred)
-        metrics = generation_metrics.aggregate(scored) if self.generate else dict(n=len(preds))
+        metrics = generation_metrics.aggregate(scored) if self.do_generate else dict(n=len(preds))
         if self.score_candidates:
             ll_ranks, ll_sum_ranks = np.asarray(ll_ranks), np.asarray(ll_sum_ranks)
             metrics.update(likelihood_hr1=float(np.mean(ll_ranks == 1)), likelihood_sum_hr1=float(np.mean(ll_sum_ranks == 1)),

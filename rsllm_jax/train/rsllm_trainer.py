@@ -203,7 +203,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                           max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompts.eval_template,
                           use_ids=use_ids, buckets=cfg.prompts.buckets, **evaluator_options(cfg))
 
-    if cfg.train.eval_every_steps and not evaluator.generate:
+    if cfg.train.eval_every_steps and not evaluator.do_generate:
         raise ValueError("config.train.eval_every_steps > 0 picks the best step by generated answers' accuracy: "
                          "keep config.eval.generate=True (or set eval_every_steps=0)")
     log = MetricsLog(workdir)
@@ -289,10 +289,9 @@ def merge(state: step_lib.TrainState) -> dict:
 
 
 def evaluator_options(cfg) -> dict:
-    """The optional readouts (config.eval); older configs without the fields keep generation only."""
-    e = cfg.eval
-    return dict(generate=e.get("generate", True), score_candidates=e.get("score_candidates", False),
-                max_answer_tokens=e.get("max_answer_tokens", 64))
+    """The readouts config.eval picks (defaults in configs/base.py)."""
+    return dict(generate=cfg.eval.generate, score_candidates=cfg.eval.score_candidates,
+                max_answer_tokens=cfg.eval.max_answer_tokens)
 
 
 def run_eval(cfg, workdir: str, *, llm=None) -> dict:

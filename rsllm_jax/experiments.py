@@ -517,6 +517,32 @@ def _max_step(workdir: str) -> int | None:
     return best
 
 
+def nip_per_answer(workdir: str) -> dict | None:
+    """The training NIP loss in nats per answer, from the run's metrics.jsonl: at step 1 (before any update)
+    and over the last quarter of the steps. Per answer = per-token NIP x answer tokens per example (each step
+    logs the mean over its micro-batches of both; micro-batch = batch_size / grad_accum_steps). The tables
+    set it against ln(K), what a model that copies one of the K candidate titles at random would pay."""
+    cfg = _read_json(os.path.join(workdir, "config.json"))
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not cfg or not os.path.exists(path):
+        return None
+    from rsllm_jax.plot import read_metrics  # light: matplotlib is imported only when plotting
+
+    series = read_metrics(path)
+    if "nip" not in series or "answer_tokens" not in series:
+        return None
+    micro = cfg["train"]["batch_size"] // cfg["train"]["grad_accum_steps"]
+    tokens = dict(zip(*series["answer_tokens"]))
+    steps = [(step, nip * tokens[step] / micro, tokens[step] / micro)
+             for step, nip in zip(*series["nip"]) if step in tokens]
+    if not steps:
+        return None
+    last = steps[-max(1, len(steps) // 4):]
+    return dict(first=steps[0][1], last=sum(s[1] for s in last) / len(last), last_steps=len(last),
+                tokens_per_answer=sum(s[2] for s in steps) / len(steps),
+                copy_floor=math.log(cfg["data"]["num_candidates"]))
+
+
 def extract(row: Row, workdir: str, result: dict) -> dict:
     """One finished run's numbers in the table's terms (None where a metric does not apply)."""
     if row.kind == "sasrec":
@@ -542,7 +568,8 @@ def extract(row: Row, workdir: str, result: dict) -> dict:
     v = result.get("val") or {}
     val = {k: v.get(k) for k in ("valid_ratio", "hit_ratio_at_1", "accuracy") if k in v}
     return dict(metrics=metrics, val=val, train_samples=result.get("train_samples"), steps=result.get("steps"),
-                best_step=result.get("best_step"), wall_time_s=result.get("wall_time_s"))
+                best_step=result.get("best_step"), wall_time_s=result.get("wall_time_s"),
+                nip_per_answer=nip_per_answer(workdir))
 
 
 def _why_unfinished(run: Run, problems: dict[str, str]) -> str:
@@ -748,6 +775,16 @@ def markdown(out: dict) -> str:
                       "position in the candidate list (a model that learned the format but not the user names one "
                       "position) and the named item's training popularity among the row's candidates (0.5 = a "
                       "random pick).", "", *table(biased)]
+    nip = [(f"`{e['row']}` s{e['seed']}", e["nip_per_answer"]) for e in out["runs"] if e.get("nip_per_answer")]
+    if nip:
+        floor = nip[0][1]["copy_floor"]
+        lines += ["", "Training NIP loss per answer, in nats (per-token NIP x answer tokens per example, from each "
+                      f"run's metrics.jsonl). Copying one of the candidate titles at random costs "
+                      f"ln {round(math.exp(floor))} = {floor:.2f}; "
+                      "knowing the target costs 0. Step 1 is measured before any update.", "",
+                  "| run | answer tokens | step 1 | last quarter of the steps |", "|---|---|---|---|"]
+        lines += [f"| {name} | {n['tokens_per_answer']:.1f} | {n['first']:.2f} | {n['last']:.2f} ({n['last_steps']} steps) |"
+                  for name, n in nip]
     if out["dataset"] == "steam":
         lines += ["", "Steam: LLaRA's train split is public only as a 1,000-row sample; the train set here adds the "
                       "windows inside the val/test histories (their targets are never trained on)."]

@@ -287,6 +287,23 @@ def test_collect_from_fake_workdirs(tmp_path):
     assert "`text_ft` seed 1" in notes and "failed (exit 1)" in notes
     assert "`no_ut` seed 0" in notes and "`no_ut` seed 1" in notes and "not run yet" in notes
     assert "`rsllm`" not in notes
+    assert "Training NIP loss per answer" not in md  # no run logged answer_tokens: no table
+
+    # The NIP loss per answer: per-token NIP x answer tokens per example (micro-batch 32 / 8 = 4).
+    w = tmp_path / "nip"
+    _write(w / "config.json", dict(train=dict(batch_size=32, grad_accum_steps=8), data=dict(num_candidates=20)))
+    (w / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i, nip=nip, answer_tokens=tok)) + "\n" for i, nip, tok in
+                                             [(1, 2.0, 20.0), (2, 1.5, 24.0), (3, 1.0, 20.0), (4, 1.0, 28.0),
+                                              (5, 0.5, 16.0)] + [(4, 3.0, 8.0)]))  # a resumed step 4: last wins
+    n = ex.nip_per_answer(str(w))
+    assert n["first"] == pytest.approx(10.0) and n["tokens_per_answer"] == pytest.approx((5 + 6 + 5 + 2 + 4) / 5)
+    assert n["last"] == pytest.approx(0.5 * 4) and n["last_steps"] == 1  # the last quarter of 5 steps: 1
+    assert n["copy_floor"] == pytest.approx(np.log(20))
+    (w / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')  # SASRec-style metrics: nothing to read
+    assert ex.nip_per_answer(str(w)) is None
+    out["runs"][-1]["nip_per_answer"] = n
+    md = ex.markdown(out)
+    assert "ln 20 = 3.00" in md and f"| `{out['runs'][-1]['row']}` s1 | 4.4 | 10.00 | 2.00 (1 steps) |" in md
 
 
 # ---------------------------------------------------------------- 3. end to end (tiny)

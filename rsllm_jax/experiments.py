@@ -528,7 +528,11 @@ def nip_per_answer(workdir: str) -> dict | None:
         return None
     from rsllm_jax.plot import read_metrics  # light: matplotlib is imported only when plotting
 
-    series = read_metrics(path)
+    try:
+        series = read_metrics(path)
+    except ValueError as e:  # e.g. a line cut by a kill before a resume: a diagnostic must not stop collection
+        _log(f"warning: no NIP loss per answer: {e}")
+        return None
     if "nip" not in series or "answer_tokens" not in series:
         return None
     micro = cfg["train"]["batch_size"] // cfg["train"]["grad_accum_steps"]

@@ -301,6 +301,8 @@ def test_collect_from_fake_workdirs(tmp_path):
     assert n["copy_floor"] == pytest.approx(np.log(20))
     (w / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')  # SASRec-style metrics: nothing to read
     assert ex.nip_per_answer(str(w)) is None
+    (w / "metrics.jsonl").write_text('{"step": 1, "nip": 1.0, "answer_tokens": 4.0}\n{"step": 2, "ni\n')
+    assert ex.nip_per_answer(str(w)) is None  # a cut line: warned about, and collection goes on
     out["runs"][-1]["nip_per_answer"] = n
     md = ex.markdown(out)
     assert "ln 20 = 3.00" in md and f"| `{out['runs'][-1]['row']}` s1 | 4.4 | 10.00 | 2.00 (1 steps) |" in md

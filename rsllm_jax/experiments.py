@@ -544,7 +544,8 @@ def nip_per_answer(workdir: str) -> dict | None:
     last = steps[-max(1, len(steps) // 4):]
     return dict(first=steps[0][1], last=sum(s[1] for s in last) / len(last), last_steps=len(last),
                 tokens_per_answer=sum(s[2] for s in steps) / len(steps),
-                copy_floor=math.log(cfg["data"]["num_candidates"]))
+                copy_floor=math.log(cfg["data"]["num_candidates"]),
+                per_step=[[int(step), round(nats, 4)] for step, nats, _ in steps])  # for overview's loss figure
 
 
 def extract(row: Row, workdir: str, result: dict) -> dict:

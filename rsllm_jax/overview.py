@@ -11,6 +11,7 @@ usable and a ranker that always answers.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from absl import app, flags
@@ -146,22 +147,59 @@ def plot(results: dict[str, dict], out: str) -> str:
     return out
 
 
-def write(results_dir: str, out: str, datasets=DATASETS) -> tuple[str, str]:
+def plot_nip(results: dict[str, dict], out: str) -> str | None:
+    """The training NIP loss per answer against the step, one panel per dataset, with ln K (copying a random
+    candidate title) as the line a run must get under before it can prefer the user's candidate. None when
+    no run has the series (experiments.nip_per_answer)."""
+    panels = {ds: [(f"{e['row']} s{e['seed']}", e["nip_per_answer"]) for e in data["runs"]
+                   if e.get("status") == "finished" and (e.get("nip_per_answer") or {}).get("per_step")]
+              for ds, data in results.items()}
+    panels = {ds: runs for ds, runs in panels.items() if runs}
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("tab10")
+    rows = list(dict.fromkeys(name.rsplit(" ", 1)[0] for runs in panels.values() for name, _ in runs))
+    for ax, (ds, runs) in zip(axes[0], panels.items()):
+        for name, nip in runs:
+            steps, nats = zip(*nip["per_step"])
+            ax.plot(steps, nats, marker="o", ms=3, label=name, color=cmap(rows.index(name.rsplit(" ", 1)[0]) % 10))
+        floor = runs[0][1]["copy_floor"]
+        ax.axhline(floor, color="gray", linestyle="--", label=f"copy a random candidate (ln {round(math.exp(floor))})")
+        ax.set_title(ds, fontsize=10)
+        ax.set_xlabel("optimizer step of the run's stage", fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("training NIP loss per answer (nats)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write(results_dir: str, out: str, datasets=DATASETS) -> tuple[str, str, str | None]:
+    """<out>.md, <out>.png and, when runs logged it, <out>_nip.png (the training loss figure)."""
     results = load(results_dir, datasets)
     md = out + ".md"
     tmp = md + ".tmp"
     with open(tmp, "w") as f:
         f.write(f"# Overview: {', '.join(results)}\n\n" + markdown(results))
     os.replace(tmp, md)
-    return md, plot(results, out + ".png")
+    return md, plot(results, out + ".png"), plot_nip(results, out + "_nip.png")
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    md, png = write(f.results_dir, f.out or os.path.join(f.results_dir, "overview"), f.datasets)
-    print(open(md).read())
-    print(f"wrote {md} and {png}")
+    written = [p for p in write(f.results_dir, f.out or os.path.join(f.results_dir, "overview"), f.datasets) if p]
+    print(open(written[0]).read())
+    print(f"wrote {', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -298,7 +298,7 @@ def test_collect_from_fake_workdirs(tmp_path):
     n = ex.nip_per_answer(str(w))
     assert n["first"] == pytest.approx(10.0) and n["tokens_per_answer"] == pytest.approx((5 + 6 + 5 + 2 + 4) / 5)
     assert n["last"] == pytest.approx(0.5 * 4) and n["last_steps"] == 1  # the last quarter of 5 steps: 1
-    assert n["copy_floor"] == pytest.approx(np.log(20))
+    assert n["copy_floor"] == pytest.approx(np.log(20)) and n["per_step"] == [[1, 10.0], [2, 9.0], [3, 5.0], [4, 6.0], [5, 2.0]]
     (w / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')  # SASRec-style metrics: nothing to read
     assert ex.nip_per_answer(str(w)) is None
     (w / "metrics.jsonl").write_text('{"step": 1, "nip": 1.0, "answer_tokens": 4.0}\n{"step": 2, "ni\n')

@@ -42,6 +42,12 @@ def results(tmp_path, request):
     data = json.loads(path.read_text())
     data["references"] = dict(n=122, random_hr1=0.05, most_popular_hr1=12 / 122)
     path.write_text(json.dumps(data))
+    if request.param:  # one run's training loss per answer (experiments.nip_per_answer needs a real config)
+        path = out / "movielens.json"
+        data = json.loads(path.read_text())
+        run = next(e for e in data["runs"] if e["row"] == "rsllm" and e["seed"] == 0)
+        run["nip_per_answer"] = dict(copy_floor=float(np.log(20)), per_step=[[1, 9.0], [2, 6.0]])
+        path.write_text(json.dumps(data))
     return out
 
 
@@ -51,7 +57,8 @@ def _table(md):
 
 
 def test_overview_table_and_figure(results):
-    md_path, png = overview.write(str(results), str(results / "overview"))
+    md_path, png, nip_png = overview.write(str(results), str(results / "overview"))
+    assert nip_png is None  # no run logged the NIP loss per answer: no empty figure
     md = open(md_path).read()
     table = _table(md)
     # Driver order, every row any dataset planned; columns: ML acc, LastFM acc, ML VR, LastFM VR.
@@ -88,3 +95,16 @@ def test_overview_likelihood_columns(results):
     # ML acc, LastFM acc, ML VR, LastFM VR, ML LL, LastFM LL
     assert table["`rsllm`"][4:] == ["0.250", "—"] and table["`sasrec`"][4:] == ["—", "—"]
     assert "LL HR@1: the candidates ranked" in md
+
+
+@pytest.mark.parametrize("results", [True], indirect=True)
+def test_overview_training_loss_figure(results):
+    _, _, nip_png = overview.write(str(results), str(results / "overview"))
+    assert nip_png == str(results / "overview_nip.png")
+    with open(nip_png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Only the datasets with a series get a panel: LastFM has none, so the figure has one.
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(nip_png).shape[:2]
+    assert w < 1.5 * h * (4.2 / 3.6)

@@ -173,9 +173,10 @@ def plot_nip(results: dict[str, dict], out: str) -> str | None:
         ax.axhline(floor, color="gray", linestyle="--", label=f"copy a random candidate (ln {round(math.exp(floor))})")
         ax.set_title(ds, fontsize=10)
         ax.set_xlabel("optimizer step of the run's stage", fontsize=8)
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
+    top = max(v for runs in panels.values() for _, nip in runs for _, v in nip["per_step"])
+    axes[0][0].set_ylim(0, 1.08 * max(top, runs[0][1]["copy_floor"]))  # shared: every panel, from 0
     axes[0][0].set_ylabel("training NIP loss per answer (nats)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -151,7 +151,7 @@ def plot_nip(results: dict[str, dict], out: str) -> str | None:
     """The training NIP loss per answer against the step, one panel per dataset, with ln K (copying a random
     candidate title) as the line a run must get under before it can prefer the user's candidate. None when
     no run has the series (experiments.nip_per_answer)."""
-    panels = {ds: [(f"{e['row']} s{e['seed']}", e["nip_per_answer"]) for e in data["runs"]
+    panels = {ds: [e for e in data["runs"]
                    if e.get("status") == "finished" and (e.get("nip_per_answer") or {}).get("per_step")]
               for ds, data in results.items()}
     panels = {ds: runs for ds, runs in panels.items() if runs}
@@ -164,19 +164,22 @@ def plot_nip(results: dict[str, dict], out: str) -> str | None:
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
     cmap = plt.get_cmap("tab10")
-    rows = list(dict.fromkeys(name.rsplit(" ", 1)[0] for runs in panels.values() for name, _ in runs))
+    rows = list(dict.fromkeys(e["row"] for runs in panels.values() for e in runs))  # one colour per row
+    plotted = []  # every loss value and floor line, for the shared y-limit
     for ax, (ds, runs) in zip(axes[0], panels.items()):
-        for name, nip in runs:
-            steps, nats = zip(*nip["per_step"])
-            ax.plot(steps, nats, marker="o", ms=3, label=name, color=cmap(rows.index(name.rsplit(" ", 1)[0]) % 10))
-        floor = runs[0][1]["copy_floor"]
+        for e in runs:
+            steps, nats = zip(*e["nip_per_answer"]["per_step"])
+            ax.plot(steps, nats, marker="o", ms=3, label=f"{e['row']} s{e['seed']}",
+                    color=cmap(rows.index(e["row"]) % 10))
+            plotted += nats
+        floor = runs[0]["nip_per_answer"]["copy_floor"]
         ax.axhline(floor, color="gray", linestyle="--", label=f"copy a random candidate (ln {round(math.exp(floor))})")
+        plotted.append(floor)
         ax.set_title(ds, fontsize=10)
         ax.set_xlabel("optimizer step of the run's stage", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    top = max(v for runs in panels.values() for _, nip in runs for _, v in nip["per_step"])
-    axes[0][0].set_ylim(0, 1.08 * max(top, runs[0][1]["copy_floor"]))  # shared: every panel, from 0
+    axes[0][0].set_ylim(0, 1.08 * max(plotted))  # shared: every panel, from 0
     axes[0][0].set_ylabel("training NIP loss per answer (nats)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

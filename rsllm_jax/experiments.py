@@ -1,7 +1,8 @@
 """Run every row of one dataset's results table, resumably, then collect the tables.
 
     python -m rsllm_jax.experiments --dataset=movielens --root=runs/exp [--seeds=0,1,2] [--rows=rsllm,no_ut]
-        [--dry_run] [--collect_only] [--likelihood] [--sasrec_dir=runs/sasrec-movielens] [--lr=8e-4]
+        [--dry_run] [--collect_only] [--likelihood] [--sasrec_dir=runs/sasrec-movielens]
+        [--stage1_dir=runs/exp/movielens/text_ft-s0] [--lr=8e-4]
         [--row_flag=text_ft:--config.train.max_train_samples=384 ...]
         [-- --config.train.max_train_samples=0 --config.llm.model=/path/to/hf_dir ...]
 
@@ -12,7 +13,8 @@ driver started again with the same arguments resumes (and a killed training run 
 checkpoint). Stage 0 (the `sasrec` row) and stage 1 (the `text_ft` row) are run once per seed and reused:
 every LLM stage-2 row reads `sasrec`'s workdir as config.stage2.sasrec_dir (build_missing=False), and the
 rows that continue from stage 1 read `text_ft`'s workdir as config.stage2.stage1_dir. `--rows` adds the
-rows a selected row depends on.
+rows a selected row depends on. `--sasrec_dir` / `--stage1_dir` point those two rows at existing finished
+runs (one for every seed), e.g. to try a stage-2 setting under a new --root without repeating stages 0-1.
 
 Rows (see ROWS): sasrec, zero_shot, text_ft, llara_like, rsllm and the ablations no_ut, no_tt, no_stage1,
 id_only. Flag precedence in each command, lowest first: the per-dataset learning rate (LLaRA's: 8e-4
@@ -54,6 +56,8 @@ LLARA_LR = {"movielens": 8e-4, "lastfm": 7e-4, "steam": 5e-4}
 CONFIG_KINDS = ("sasrec", "stage1", "stage2", "eval")
 # Which override points a dependency's workdir at the row that needs it.
 DEPENDENCY_FLAG = {"sasrec": "stage2.sasrec_dir", "text_ft": "stage2.stage1_dir"}
+# The driver flag that points a dependency row at an existing finished run instead of running it.
+REUSE_FLAG = {"sasrec": "sasrec_dir", "text_ft": "stage1_dir"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +114,7 @@ class Run:
     workdir: str
     command: list[str]
     deps: list[str]  # keys of the runs it needs
-    reused: bool = False  # an existing run dir (--sasrec_dir): never run here
+    reused: bool = False  # an existing run dir (--sasrec_dir, --stage1_dir): never run here
     dropped: list[str] = dataclasses.field(default_factory=list)  # extra flags the row's definition overrode
 
     @property
@@ -134,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results_dir", default="results", help="where DATASET.json and DATASET.md go")
     p.add_argument("--sasrec_dir", default="", help="reuse this finished stage-0 run for every seed instead of "
                                                     "running the sasrec row")
+    p.add_argument("--stage1_dir", default="",
+                   help="reuse this finished stage-1 run for every seed instead of running the text_ft row "
+                        "(e.g. to try a stage-2 setting in a new --root on an existing stage 1)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak LR of every LLM training row (default LLaRA's per dataset: "
                         + ", ".join(f"{k} {v:g}" for k, v in LLARA_LR.items()) + ")")
@@ -249,9 +256,15 @@ def _cfg(field: str, value) -> str:
 
 
 def row_workdir(opts, row: Row, seed: int) -> str:
-    if row.name == "sasrec" and opts.sasrec_dir:
-        return opts.sasrec_dir
+    if reused_dir(opts, row.name):
+        return reused_dir(opts, row.name)
     return os.path.join(opts.root, opts.dataset, f"{row.name}-s{seed}")
+
+
+def reused_dir(opts, row_name: str) -> str:
+    """The existing run dir --sasrec_dir / --stage1_dir names for this row ('' when the row runs here)."""
+    flag = REUSE_FLAG.get(row_name)
+    return getattr(opts, flag, "") if flag else ""
 
 
 def plan_runs(opts) -> list[Run]:
@@ -260,7 +273,7 @@ def plan_runs(opts) -> list[Run]:
     runs: list[Run] = []
     for i, seed in enumerate(opts.seed_list):
         for row in opts.row_list:
-            if (not row.seeded and i > 0) or (row.name == "sasrec" and opts.sasrec_dir and i > 0):
+            if (not row.seeded or reused_dir(opts, row.name)) and i > 0:
                 continue
             runs.append(_plan_one(opts, row, seed, lr))
     return runs
@@ -268,7 +281,7 @@ def plan_runs(opts) -> list[Run]:
 
 def _seed_of(opts, row_name: str, seed: int) -> int:
     row = ROW_BY_NAME[row_name]
-    if not row.seeded or (row_name == "sasrec" and opts.sasrec_dir):
+    if not row.seeded or reused_dir(opts, row_name):
         return opts.seed_list[0]
     return seed
 
@@ -295,7 +308,7 @@ def _plan_one(opts, row: Row, seed: int, lr) -> Run:
     dropped = [old for key, old in replaced.items() if old in opts.extra]
     cmd = [sys.executable, "-m", "rsllm_jax.main", f"--config={opts.config_paths[row.kind]}",
            f"--workdir={workdir}", *flags]
-    return Run(row, seed, workdir, cmd, deps, reused=row.name == "sasrec" and bool(opts.sasrec_dir), dropped=dropped)
+    return Run(row, seed, workdir, cmd, deps, reused=bool(reused_dir(opts, row.name)), dropped=dropped)
 
 
 LIKELIHOOD_DIR = "likelihood"  # inside an LLM row's workdir
@@ -461,7 +474,8 @@ def run_all(opts, runs: list[Run]) -> dict[str, str]:
     for run in runs:
         done = finished_result(run.row, run.workdir)
         if done is not None and run.reused and done.get("dataset") not in (None, opts.dataset):
-            problems[run.key] = f"--sasrec_dir={run.workdir} is a {done.get('dataset')} run, not {opts.dataset}"
+            problems[run.key] = (f"--{REUSE_FLAG[run.row.name]}={run.workdir} is a {done.get('dataset')} run, "
+                                 f"not {opts.dataset}")
             _log(f"{run.key}: {problems[run.key]}")
             continue
         if done is not None:
@@ -469,7 +483,7 @@ def run_all(opts, runs: list[Run]) -> dict[str, str]:
             _warn_if_changed(run)
             continue
         if run.reused:
-            problems[run.key] = f"--sasrec_dir={run.workdir} holds no finished results.json"
+            problems[run.key] = f"--{REUSE_FLAG[run.row.name]}={run.workdir} holds no finished results.json"
             _log(f"{run.key}: {problems[run.key]}")
             continue
         missing = [d for d in run.deps if d in problems]
@@ -620,7 +634,7 @@ def collect(opts, runs: list[Run], problems: dict[str, str] | None = None) -> di
                      depends_on=run.deps)
         if run.reused:
             cfg = _read_json(os.path.join(run.workdir, "config.json")) or {}
-            entry.update(command=None, command_source="reused (--sasrec_dir)", seed=cfg.get("seed"))
+            entry.update(command=None, command_source=f"reused (--{REUSE_FLAG[run.row.name]})", seed=cfg.get("seed"))
         attempts = record.get("attempts") or []
         walls = [a["wall_time_s"] for a in attempts if isinstance(a.get("wall_time_s"), (int, float))]
         if walls:

@@ -148,6 +148,30 @@ def test_rows_selection_lr_and_reused_sasrec(tmp_path):
         ex.parse_args(["--dataset=movielens", "--", "config.seed=1"])
 
 
+def test_reused_stage1_dir(tmp_path):
+    """--stage1_dir: one existing stage-1 run feeds every seed's stage-2 rows; a bad one stops them, named."""
+    sas, ft = tmp_path / "sas", tmp_path / "ft"
+    opts = ex.parse_args(["--dataset=steam", f"--root={tmp_path / 'r'}", "--rows=no_tt", f"--sasrec_dir={sas}",
+                          f"--stage1_dir={ft}", "--seeds=3,4"])
+    runs = {r.key: r for r in ex.plan_runs(opts)}
+    assert list(runs) == ["sasrec-s3", "text_ft-s3", "no_tt-s3", "no_tt-s4"]
+    assert runs["text_ft-s3"].reused and runs["text_ft-s3"].workdir == str(ft)
+    for s in (3, 4):
+        f = _flags(runs[f"no_tt-s{s}"].command)
+        assert f["--config.stage2.stage1_dir"] == str(ft) and f["--config.seed"] == str(s)
+        assert runs[f"no_tt-s{s}"].deps == ["sasrec-s3", "text_ft-s3"]
+    done = {"dataset": "steam", "test": {"hr1": 0.1}}
+    ex.write_json_atomic(str(sas / "results.json"), done)
+    # No finished stage 1 there: nothing is started, and the message names the flag and the directory.
+    problems = ex.run_all(opts, list(runs.values()))
+    assert problems["text_ft-s3"] == f"--stage1_dir={ft} holds no finished results.json"
+    assert "needs text_ft-s3" in problems["no_tt-s3"] and "needs text_ft-s3" in problems["no_tt-s4"]
+    assert "sasrec-s3" not in problems and not (tmp_path / "r").exists()
+    ex.write_json_atomic(str(ft / "results.json"), dict(done, dataset="lastfm"))
+    problems = ex.run_all(opts, list(runs.values()))
+    assert problems["text_ft-s3"] == f"--stage1_dir={ft} is a lastfm run, not steam"
+
+
 def test_planned_commands_parse_against_the_real_configs():
     """Every override names an existing field of the real configs (they are locked) and yields the value meant."""
     from absl import flags

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from configs import tiny
+from rsllm_jax.train.optimizer import learning_rate_schedule
 from rsllm_jax.train.rsllm_trainer import run_eval, run_stage
 from rsllm_jax.train.sasrec_trainer import train_sasrec
 from synthetic_data import write_custom_dataset
@@ -56,6 +57,11 @@ def test_stage1_stage2_eval_smoke(tmp_path, monkeypatch):
         assert 0.0 <= r2["test"][key] <= 1.0, key
     losses = [m for m in _metrics(tmp_path / "stage2") if "nip" in m]
     assert losses and all(np.isfinite([m["nip"], m["l_ut"], m["l_tt"]]).all() for m in losses)
+    # "lr" is the rate the logged update applied: optax counts from 0, so warm-up's first update is at 0.
+    o = c2.optim
+    schedule = learning_rate_schedule(o.lr, r2["steps"], o.warmup_fraction, o.min_lr_ratio)
+    assert losses[0]["step"] == 1 and losses[0]["lr"] == 0.0
+    assert [m["lr"] for m in losses] == [float(schedule(m["step"] - 1)) for m in losses]
     preds = (tmp_path / "stage2" / "predictions_test.jsonl").read_text().splitlines()
     assert len(preds) == r2["test"]["n"]
     assert {"row", "output", "matched", "hit"} <= set(json.loads(preds[0]))

@@ -346,7 +346,7 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
                     raise FloatingPointError(f"p2rec reconstruct: non-finite loss at step {done} ({m}); the last good "
                                              f"checkpoint in {workdir}/checkpoints is untouched. Lower config.optim.lr.")
                 progress.update(done - progress.bar.n, (done - progress.bar.n) * bs, m, item_name="users")
-                log.write(dict(step=done, lr=float(lr_schedule(done)), **m))
+                log.write(dict(step=done, lr=float(lr_schedule(step)), **m))
             improved = False
             if (cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0) or done == total_steps:
                 val = validate(state)

@@ -233,7 +233,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                         "and resume.")
                 rate = progress.update(done - progress.bar.n, tokens_since,
                                        {k: m[k] for k in ("loss", "nip", "l_ut", "l_tt")}, item_name="tok")
-                log.write(dict(step=done, tokens_per_s=rate, lr=float(lr_schedule(done)),
+                log.write(dict(step=done, tokens_per_s=rate, lr=float(lr_schedule(step)),
                                **{k: float(v) for k, v in m.items()}))
                 tokens_since = 0
             improved = False

@@ -7,7 +7,7 @@ donation; the caller wraps it in `jax.set_mesh(mesh)` and `nn.logical_axis_rules
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
@@ -79,6 +79,10 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    if isinstance(grads, Mapping) and len(grads) > 1:
+        # Per top-level group (llm LoRA, projector, [IID] row, ...): which part a spike comes from.
+        for name, g in grads.items():
+            metrics[f"grad_norm/{name}"] = optax.tree.norm(g)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     return new_state, metrics
 

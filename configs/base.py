@@ -93,6 +93,9 @@ def get_config():
     c.optim.weight_decay = 1e-5
     c.optim.weight_decay_regex = r"projector/.*"
     c.optim.max_grad_norm = 1.0
+    # "global": one norm over all trainable parameters (spec, LLaRA). "group": each top-level
+    # group (llm LoRA, projector, added token rows) is clipped to max_grad_norm on its own.
+    c.optim.clip_scope = "global"
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128  # effective (global) batch per optimizer step

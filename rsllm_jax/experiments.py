@@ -256,9 +256,7 @@ def _cfg(field: str, value) -> str:
 
 
 def row_workdir(opts, row: Row, seed: int) -> str:
-    if reused_dir(opts, row.name):
-        return reused_dir(opts, row.name)
-    return os.path.join(opts.root, opts.dataset, f"{row.name}-s{seed}")
+    return reused_dir(opts, row.name) or os.path.join(opts.root, opts.dataset, f"{row.name}-s{seed}")
 
 
 def reused_dir(opts, row_name: str) -> str:

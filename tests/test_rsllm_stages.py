@@ -49,6 +49,7 @@ def test_stage1_stage2_eval_smoke(tmp_path, monkeypatch):
     c2.stage2.sasrec_dir = "sasrec"
     c2.stage2.stage1_dir = "stage1"
     c2.train.eval_every_steps = 1  # validate every step and keep the best
+    c2.optim.clip_scope = "group"  # stage 1 above runs the default global clip
     r2 = run_stage(c2, str(tmp_path / "stage2"), llm=llm)
     vals = [m for m in _metrics(tmp_path / "stage2") if "val/accuracy" in m]
     assert [m["step"] for m in vals] == list(range(1, r2["steps"] + 1))

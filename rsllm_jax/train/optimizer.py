@@ -1,5 +1,6 @@
-"""Optimizer for the LLM stages (spec §5): Adam, linear warm-up then cosine decay, global-norm
-clipping, weight decay only where a regex says (the projector)."""
+"""Optimizer for the LLM stages (spec §5): Adam, linear warm-up then cosine decay, gradient-norm
+clipping (global, or per top-level parameter group), weight decay only where a regex says (the
+projector)."""
 from __future__ import annotations
 
 import re
@@ -26,12 +27,45 @@ def regex_mask(params, pattern: str):
     )
 
 
+CLIP_SCOPES = ("global", "group")
+
+
+def clip_by_group_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm applied to each top-level group of a dict tree on its own.
+
+    With one global norm, a spike in one group (the projector's, in stage 2) scales every other
+    group's update down with it; per group, each part keeps its own step size. Stateless like the
+    global clip, so the optimizer state has the same tree either way (a run may switch on resume)."""
+    inner = optax.clip_by_global_norm(max_norm)
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        if not isinstance(updates, dict):
+            raise TypeError(f"clip_scope='group' needs a dict of parameter groups, got {type(updates).__name__}")
+        return {k: inner.update(v, inner.init(v))[0] for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(init, update)
+
+
+def gradient_clipping(max_norm: float, scope: str = "global") -> optax.GradientTransformation:
+    if scope == "global":
+        return optax.clip_by_global_norm(max_norm)
+    if scope == "group":
+        return clip_by_group_norm(max_norm)
+    raise ValueError(f"config.optim.clip_scope must be one of {CLIP_SCOPES}, got {scope!r}")
+
+
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
     """opt_cfg: lr, warmup_fraction, min_lr_ratio, b1, b2, eps, weight_decay, weight_decay_regex,
-    max_grad_norm. Applied to the trainable subtree only, so frozen weights carry no Adam state."""
+    max_grad_norm, clip_scope. Applied to the trainable subtree only, so frozen weights carry no
+    Adam state."""
     schedule = learning_rate_schedule(opt_cfg.lr, total_steps, opt_cfg.warmup_fraction, opt_cfg.min_lr_ratio)
     return optax.chain(
-        optax.clip_by_global_norm(opt_cfg.max_grad_norm),
+        gradient_clipping(opt_cfg.max_grad_norm, opt_cfg.get("clip_scope", "global")),
         optax.adamw(
             schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
             mask=lambda p: regex_mask(p, opt_cfg.weight_decay_regex),

@@ -39,6 +39,7 @@ from rsllm_jax.train import step as step_lib
 from rsllm_jax.train.optimizer import (
     count_params,
     learning_rate_schedule,
+    gradient_clipping,
     make_optimizer,
 )
 from rsllm_jax.train.rsllm_setup import build_rsllm
@@ -131,6 +132,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
     already loaded (config, params, tokenizer)."""
     t_start = time.time()
     stage = cfg.stage
+    gradient_clipping(cfg.optim.max_grad_norm, cfg.optim.get("clip_scope", "global"))  # bad scope: fail first
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_from_config(cfg.mesh.rules)
     os.makedirs(workdir, exist_ok=True)

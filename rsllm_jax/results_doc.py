@@ -1,0 +1,257 @@
+"""Regenerate the tables of docs/results.md from the committed results, between marker comments.
+
+    python -m rsllm_jax.results_doc --results_dir=results --doc=docs/results.md
+
+A table sits between `<!-- name -->` and `<!-- /name -->`; everything outside the markers is prose and
+is left alone. Every number comes from a committed file: the driver's results/<dataset>.{md,json},
+results/overview.md (`python -m rsllm_jax.overview`), and each comparison's own results json and
+metrics.jsonl logs (the paths are in COMPARISONS and STEP_TABLES below, next to the experiment that
+wrote them). A marker this module does not know, or one left open, is an error naming its line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from absl import app, flags
+
+DATASETS = ("movielens", "lastfm", "steam")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of a comparison table: `row` of the driver's results json, under a label."""
+    label: str
+    row: str
+    results: str  # driver output, relative to results_dir
+    logs: str  # where the run's metrics.jsonl was copied (<logs>/<row>-s0/), relative to results_dir
+
+
+def _main(ds: str, row: str, label: str) -> Entry:
+    return Entry(label, row, f"{ds}.json", f"logs/{ds}")
+
+
+# Comparison runs reuse the main tables' stage 0 and stage 1 and change one thing (docs/results.md
+# gives each one's command).
+COMPARISONS: dict[str, list[Entry]] = {
+    # 32 steps of 8 instead of 8 steps of 32 (MovieLens, same 256 windows).
+    "b8-table": [e for row in ("text_ft", "rsllm") for e in (
+        _main("movielens", row, f"`{row}`, 32 x 8"),
+        Entry(f"`{row}`, 8 x 32", row, "budget/b8/movielens.json", "budget/b8/logs"))],
+    # Stage 2's peak learning rate (MovieLens).
+    "lr-table": [_main("movielens", "rsllm", "8e-4 (LLaRA)"),
+                 Entry("2e-4", "rsllm", "stage2_lr/lr2e-4/movielens.json", "stage2_lr/lr2e-4/logs")],
+    # Stage 2's gradient clipped globally (the spec) or per parameter group.
+    # MovieLens' global row is re-run too: the main table's predates the per-group norm logging.
+    "clip-table": [
+        _main("movielens", "rsllm", "movielens, global (main table)"),
+        Entry("movielens, global (re-run)", "rsllm", "stage2_clip/global/movielens.json", "stage2_clip/global/logs/movielens"),
+        Entry("movielens, group", "rsllm", "stage2_clip/group/movielens.json", "stage2_clip/group/logs/movielens"),
+        _main("lastfm", "rsllm", "lastfm, global (main table)"),
+        Entry("lastfm, group", "rsllm", "stage2_clip/group/lastfm.json", "stage2_clip/group/logs/lastfm")],
+}
+
+# Per-step gradient norms (before clipping): label -> (logs dir relative to results_dir, row).
+STEP_TABLES: dict[str, list[tuple[str, str, str]]] = {
+    "lr-steps": [("`text_ft` (stage 1)", "logs/movielens", "text_ft"),
+                 ("`rsllm` 8e-4", "logs/movielens", "rsllm"),
+                 ("`rsllm` 2e-4", "stage2_lr/lr2e-4/logs", "rsllm")]
+                + [(f"`{r}` 8e-4", "logs/movielens", r) for r in ("no_ut", "no_tt", "no_stage1", "llara_like")],
+    "clip-steps": [("movielens, global (re-run)", "stage2_clip/global/logs/movielens", "rsllm"),
+                   ("movielens, group", "stage2_clip/group/logs/movielens", "rsllm"),
+                   ("lastfm, global (main table)", "logs/lastfm", "rsllm"),
+                   ("lastfm, group", "stage2_clip/group/logs/lastfm", "rsllm")],
+}
+
+_MARKER = re.compile(r"^<!-- (/?)([\w:-]+) -->$")
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+
+
+def _finished_runs(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    return [e for e in _read_json(path).get("runs", []) if e.get("status") == "finished"]
+
+
+def _metrics_log(path: str) -> list[dict]:
+    """The training steps of a metrics.jsonl (lines with a grad_norm); [] when the file is absent."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [m for m in (json.loads(line) for line in f if line.strip()) if "grad_norm" in m]
+
+
+def dataset_table(results_dir: str, ds: str) -> str | None:
+    path = os.path.join(results_dir, f"{ds}.md")
+    if not os.path.exists(path):
+        return None
+    md = open(path).read()
+    start = md.find("| row | what | seeds |")
+    if start < 0:
+        raise ValueError(f"{path}: no table header '| row | what | seeds |'; not written by rsllm_jax.experiments?")
+    end = md.find("\nNot in the table", start)
+    return md[start:end if end >= 0 else len(md)].rstrip()
+
+
+def overview_table(results_dir: str) -> str | None:
+    path = os.path.join(results_dir, "overview.md")
+    if not os.path.exists(path):
+        return None
+    md = open(path).read()
+    return md[md.index("| row |"):].rstrip() if "| row |" in md else None
+
+
+def likelihood_table(results_dir: str) -> str:
+    lines = ["| dataset | row | LL HR@1 | hits | LL HR@1, summed log-likelihood | mean rank of the target (of 20) |",
+             "|---|---|---|---|---|---|"]
+    for ds in DATASETS:
+        for e in _finished_runs(os.path.join(results_dir, f"{ds}.json")):
+            m = e.get("metrics") or {}
+            if m.get("likelihood_hr1") is not None:
+                lines.append(f"| {ds} | `{e['row']}` | {m['likelihood_hr1']:.3f} | {round(m['likelihood_hr1'] * m['n'])} / "
+                             f"{m['n']} | {m['likelihood_sum_hr1']:.3f} | {m['likelihood_mean_rank']:.2f} |")
+    return "\n".join(lines)
+
+
+def nip_table(results_dir: str) -> str:
+    lines = ["| dataset | run | answer tokens | NIP per answer at step 1 | NIP per answer, last quarter of the steps "
+             "| above the copy floor (ln 20 = 3.00) |", "|---|---|---|---|---|---|"]
+    for ds in DATASETS:
+        for e in _finished_runs(os.path.join(results_dir, f"{ds}.json")):
+            n = e.get("nip_per_answer")
+            if n:
+                lines.append(f"| {ds} | `{e['row']}` | {n['tokens_per_answer']:.1f} | {n['first']:.2f} | {n['last']:.2f} | "
+                             f"+{n['last'] - n['copy_floor']:.2f} |")
+    return "\n".join(lines)
+
+
+def _f(v) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def _norm_summary(steps: list[dict], key: str = "grad_norm") -> str:
+    v = [m[key] for m in steps if key in m]
+    return f"{v[0]:.1f} / {max(v):.1f} / {v[-1]:.1f}" if v else "—"
+
+
+def comparison_table(results_dir: str, entries: list[Entry]) -> str:
+    """One line per entry; an entry whose run has not finished (or not been collected) says so."""
+    lines = ["| run | ValidRatio | hits | HitRatio@1 | 2T HR@1 | LL hits / mean rank | NIP per answer: step 1 -> "
+             "last quarter | grad norm first / max / last | projector / LoRA norm first / max / last |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for entry in entries:
+        run = next((e for e in _finished_runs(os.path.join(results_dir, entry.results)) if e["row"] == entry.row), None)
+        if run is None:
+            lines.append(f"| {entry.label} | not run yet | | | | | | | |")
+            continue
+        m, n = run["metrics"], run.get("nip_per_answer") or {}
+        ll = (f"{round(m['likelihood_hr1'] * m['n'])} / {m['likelihood_mean_rank']:.2f}"
+              if m.get("likelihood_hr1") is not None else "—")
+        nip = f"{n['first']:.2f} -> {n['last']:.2f}" if n else "—"
+        steps = _metrics_log(os.path.join(results_dir, entry.logs, f"{entry.row}-s0", "metrics.jsonl"))
+        groups = "—"
+        if any("grad_norm/projector" in s for s in steps):
+            groups = f"{_norm_summary(steps, 'grad_norm/projector')}; {_norm_summary(steps, 'grad_norm/llm')}"
+        lines.append(f"| {entry.label} | {_f(m['valid_ratio'])} | {round(m['accuracy'] * m['n'])} / {m['n']} | "
+                     f"{_f(m['hit_ratio_at_1'])} | {_f(m.get('two_tower_hr1'))} | {ll} | {nip} | {_norm_summary(steps)} | "
+                     f"{groups} |")
+    return "\n".join(lines)
+
+
+def steps_table(results_dir: str, columns: list[tuple[str, str, str]]) -> str | None:
+    """Step x run: the global gradient norm, or `global / projector / LoRA` where the run logged groups."""
+    cols = [(label, _metrics_log(os.path.join(results_dir, logs, f"{row}-s0", "metrics.jsonl")))
+            for label, logs, row in columns]
+    cols = [(label, steps) for label, steps in cols if steps]
+    if not cols:
+        return None
+    lines = ["| step | " + " | ".join(label for label, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for i in range(max(len(steps) for _, steps in cols)):
+        cells = []
+        for _, steps in cols:
+            s = steps[i] if i < len(steps) else {}
+            if "grad_norm/projector" in s:
+                cells.append(f"{s['grad_norm']:.1f} / {s['grad_norm/projector']:.1f} / {s['grad_norm/llm']:.1f}")
+            else:
+                cells.append(f"{s['grad_norm']:.1f}" if s else "")
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table(results_dir: str, name: str) -> str | None:
+    """The block for marker `name` (None: its inputs are not there yet, the block is left as it is)."""
+    if name.startswith("table:"):
+        return dataset_table(results_dir, name.split(":", 1)[1])
+    if name == "overview":
+        return overview_table(results_dir)
+    if name == "ll-table":
+        return likelihood_table(results_dir)
+    if name == "nip-table":
+        return nip_table(results_dir)
+    if name in COMPARISONS:
+        return comparison_table(results_dir, COMPARISONS[name])
+    if name in STEP_TABLES:
+        return steps_table(results_dir, STEP_TABLES[name])
+    raise KeyError(name)
+
+
+def splice(doc: str, results_dir: str, doc_path: str = "doc") -> tuple[str, list[str]]:
+    """The doc with every marked block regenerated, and the names of the blocks that changed."""
+    lines = doc.split("\n")
+    out, changed, i = [], [], 0
+    while i < len(lines):
+        out.append(lines[i])
+        hit = _MARKER.match(lines[i].strip())
+        if not hit:
+            i += 1
+            continue
+        closing, name = hit.groups()
+        if closing:
+            raise ValueError(f"{doc_path}:{i + 1}: closing marker <!-- /{name} --> without an opening one")
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == f"<!-- /{name} -->"), None)
+        if end is None:
+            raise ValueError(f"{doc_path}:{i + 1}: <!-- {name} --> is never closed (add <!-- /{name} -->)")
+        try:
+            block = table(results_dir, name)
+        except KeyError:
+            raise ValueError(f"{doc_path}:{i + 1}: unknown table <!-- {name} --> (known: table:<dataset>, overview, "
+                             f"ll-table, nip-table, {', '.join([*COMPARISONS, *STEP_TABLES])})") from None
+        old = lines[i + 1:end]
+        new = old if block is None else block.split("\n")
+        if new != old:
+            changed.append(name)
+        out.extend(new)
+        out.append(lines[end])
+        i = end + 1
+    return "\n".join(out), changed
+
+
+def write(results_dir: str, doc_path: str) -> list[str]:
+    with open(doc_path) as f:
+        doc, changed = splice(f.read(), results_dir, doc_path)
+    tmp = doc_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(doc)
+    os.replace(tmp, doc_path)
+    return changed
+
+
+def main(argv):
+    del argv
+    changed = write(flags.FLAGS.results_dir, flags.FLAGS.doc)
+    print(f"{flags.FLAGS.doc}: regenerated {', '.join(changed) if changed else 'nothing (all tables current)'}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("results_dir", "results", "the committed results (rsllm_jax.experiments --results_dir)")
+    flags.DEFINE_string("doc", "docs/results.md", "the markdown file whose marked tables to regenerate")
+    app.run(main)

@@ -1,0 +1,117 @@
+"""docs/results.md's tables are regenerated from results/ between markers; the prose around them is kept."""
+import json
+
+import pytest
+
+from rsllm_jax import results_doc
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _run(row, valid, hits, n, **extra):
+    metrics = dict(valid_ratio=valid, accuracy=hits / n, hit_ratio_at_1=hits / n / valid, two_tower_hr1=0.05, n=n,
+                   likelihood_hr1=None)
+    metrics.update(extra)
+    return dict(row=row, status="finished", metrics=metrics,
+                nip_per_answer=dict(first=5.3, last=5.8, tokens_per_answer=5.2, copy_floor=3.0, last_steps=2))
+
+
+def _steps(path, norms):
+    _write(path, "\n".join(json.dumps(dict(step=i + 1, **n)) for i, n in enumerate(norms)) + "\n")
+
+
+@pytest.fixture
+def results(tmp_path):
+    r = tmp_path / "results"
+    main_runs = [_run("rsllm", 0.6, 6, 95, likelihood_hr1=7 / 95, likelihood_mean_rank=10.3, likelihood_sum_hr1=0.06),
+                 dict(row="no_tt", status="running")]
+    _write(r / "movielens.json", json.dumps(dict(summary={}, runs=main_runs)))
+    _write(r / "movielens.md", "# MovieLens\n\n| row | what | seeds |\n|---|---|---|\n| `rsllm` | x | 0 |\n\n"
+                               "Not in the table: nothing\n")
+    _steps(r / "logs/movielens/rsllm-s0/metrics.jsonl", [dict(grad_norm=1.5), dict(grad_norm=11.5), dict(grad_norm=9.7)])
+    # The group-clip comparison run, which logged the norm per parameter group.
+    _write(r / "stage2_clip/group/movielens.json", json.dumps(dict(summary={}, runs=[_run("rsllm", 0.8, 9, 95)])))
+    _steps(r / "stage2_clip/group/logs/movielens/rsllm-s0/metrics.jsonl",
+           [{"grad_norm": 5.0, "grad_norm/projector": 4.0, "grad_norm/llm": 3.0},
+            {"grad_norm": 13.0, "grad_norm/projector": 12.0, "grad_norm/llm": 5.0}])
+    return r
+
+
+DOC = """# Results
+
+Prose before.
+
+<!-- table:movielens -->
+stale table
+<!-- /table:movielens -->
+
+<!-- table:steam -->
+kept: no steam results yet
+<!-- /table:steam -->
+
+Prose between.
+
+<!-- ll-table -->
+<!-- /ll-table -->
+
+<!-- clip-table -->
+<!-- /clip-table -->
+
+<!-- clip-steps -->
+<!-- /clip-steps -->
+
+Prose after.
+"""
+
+
+def _block(doc, name):
+    return doc.split(f"<!-- {name} -->\n")[1].split(f"<!-- /{name} -->")[0]
+
+
+def test_tables_regenerate_and_prose_stays(results):
+    doc, changed = results_doc.splice(DOC, str(results))
+    for prose in ("Prose before.", "Prose between.", "Prose after."):
+        assert prose in doc
+    assert set(changed) == {"table:movielens", "ll-table", "clip-table", "clip-steps"}
+    assert _block(doc, "table:movielens") == "| row | what | seeds |\n|---|---|---|\n| `rsllm` | x | 0 |\n"
+    assert _block(doc, "table:steam") == "kept: no steam results yet\n"  # no inputs: left as it was
+    assert "| movielens | `rsllm` | 0.074 | 7 / 95 | 0.060 | 10.30 |" in _block(doc, "ll-table")
+
+    rows = {line.split(" | ")[0][2:]: line for line in _block(doc, "clip-table").splitlines()[2:]}
+    assert rows["movielens, global (main table)"].startswith(
+        "| movielens, global (main table) | 0.600 | 6 / 95 | 0.105 | 0.050 | 7 / 10.30 | 5.30 -> 5.80 | 1.5 / 11.5 / 9.7 | — |")
+    assert rows["movielens, group"].endswith("| 5.0 / 13.0 / 13.0 | 4.0 / 12.0 / 12.0; 3.0 / 5.0 / 5.0 |")
+    assert "not run yet" in rows["movielens, global (re-run)"] and "not run yet" in rows["lastfm, group"]
+
+    steps = _block(doc, "clip-steps").splitlines()
+    assert steps[0] == "| step | movielens, group |"  # columns without logs are left out
+    assert steps[2:] == ["| 1 | 5.0 / 4.0 / 3.0 |", "| 2 | 13.0 / 12.0 / 5.0 |"]
+
+    # Idempotent: a second pass changes nothing.
+    assert results_doc.splice(doc, str(results)) == (doc, [])
+
+
+def test_write_replaces_the_file(results, tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text(DOC)
+    assert "clip-table" in results_doc.write(str(results), str(path))
+    assert "6 / 95" in path.read_text() and not (tmp_path / "results.md.tmp").exists()
+
+
+@pytest.mark.parametrize("doc, message", [
+    ("a\n<!-- nonsense-table -->\n<!-- /nonsense-table -->\n", r"results\.md:2: unknown table <!-- nonsense-table -->"),
+    ("a\nb\n<!-- ll-table -->\nrows\n", r"results\.md:3: <!-- ll-table --> is never closed"),
+    ("<!-- /ll-table -->\n", r"results\.md:1: closing marker"),
+])
+def test_bad_markers_name_the_line(results, doc, message):
+    with pytest.raises(ValueError, match=message):
+        results_doc.splice(doc, str(results), "docs/results.md")
+
+
+def test_broken_results_json_names_the_file(results):
+    (results / "movielens.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"movielens\.json: not JSON"):
+        results_doc.splice(DOC, str(results))

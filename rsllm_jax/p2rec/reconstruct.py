@@ -39,7 +39,7 @@ from rsllm_jax.p2rec.common import (
     TitlePrompts, pooled_states, restore_subtree, run_batched, sasrec_config_from_params,
 )
 from rsllm_jax.train import step as step_lib
-from rsllm_jax.train.optimizer import count_params, learning_rate_schedule, make_optimizer
+from rsllm_jax.train.optimizer import count_params, make_optimizer, schedule_for
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.rsllm_trainer import subsample
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
@@ -304,7 +304,7 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
     data_iter = iter(pipeline.train_dataset(examples, _Arrays(), global_batch_size=bs, seed=cfg.seed,
                                             worker_count=cfg.data.grain_workers))
     tx = make_optimizer(cfg.optim, total_steps)
-    lr_schedule = learning_rate_schedule(cfg.optim.lr, total_steps, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio)
+    lr_schedule = schedule_for(cfg.optim, total_steps)
     loss_fn = functools.partial(reconstruct_loss, built.model, head)
     state = step_lib.create_state(trainable, frozen, tx)
     state_sh = step_lib.TrainState(step=repl, trainable=trainable_sh, frozen=frozen_sh,

@@ -18,6 +18,11 @@ def learning_rate_schedule(peak_lr: float, total_steps: int, warmup_fraction: fl
     )
 
 
+def schedule_for(opt_cfg, total_steps: int):
+    """The run's learning-rate schedule (the optimizer's, and what the trainers log as `lr`)."""
+    return learning_rate_schedule(opt_cfg.lr, total_steps, opt_cfg.warmup_fraction, opt_cfg.min_lr_ratio)
+
+
 def regex_mask(params, pattern: str):
     """Bool tree: True where the '/'-joined path of a leaf fully matches `pattern`."""
     rx = re.compile(pattern) if pattern else None
@@ -63,7 +68,7 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
     """opt_cfg: lr, warmup_fraction, min_lr_ratio, b1, b2, eps, weight_decay, weight_decay_regex,
     max_grad_norm, clip_scope. Applied to the trainable subtree only, so frozen weights carry no
     Adam state."""
-    schedule = learning_rate_schedule(opt_cfg.lr, total_steps, opt_cfg.warmup_fraction, opt_cfg.min_lr_ratio)
+    schedule = schedule_for(opt_cfg, total_steps)
     return optax.chain(
         gradient_clipping(opt_cfg.max_grad_norm, opt_cfg.get("clip_scope", "global")),
         optax.adamw(

@@ -38,9 +38,9 @@ from rsllm_jax.models.lora import merge_trees
 from rsllm_jax.train import step as step_lib
 from rsllm_jax.train.optimizer import (
     count_params,
-    learning_rate_schedule,
     gradient_clipping,
     make_optimizer,
+    schedule_for,
 )
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.rsllm_step import rsllm_loss
@@ -178,7 +178,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                                    buckets=cfg.prompts.buckets, worker_count=cfg.data.grain_workers))
 
     tx = make_optimizer(cfg.optim, total_steps)
-    lr_schedule = learning_rate_schedule(cfg.optim.lr, total_steps, cfg.optim.warmup_fraction, cfg.optim.min_lr_ratio)
+    lr_schedule = schedule_for(cfg.optim, total_steps)
     loss_fn = functools.partial(rsllm_loss, built.model, cfg.loss)
     state = step_lib.create_state(trainable, frozen, tx)
     repl = sharding.replicated(mesh)

@@ -1,4 +1,4 @@
-"""Regenerate the tables of docs/results.md from the committed results, between marker comments.
+"""Regenerate the tables (and comparison figures) of docs/results.md from the committed results.
 
     python -m rsllm_jax.results_doc --results_dir=results --doc=docs/results.md
 
@@ -7,6 +7,7 @@ is left alone. Every number comes from a committed file: the driver's results/<d
 results/overview.md (`python -m rsllm_jax.overview`), and each comparison's own results json and
 metrics.jsonl logs (the paths are in COMPARISONS and STEP_TABLES below, next to the experiment that
 wrote them). A marker this module does not know, or one left open, is an error naming its line.
+The figures in FIGURES (training loss against windows seen, per comparison) are redrawn next to the doc.
 """
 from __future__ import annotations
 
@@ -52,6 +53,16 @@ COMPARISONS: dict[str, list[Entry]] = {
         _main("lastfm", "rsllm", "lastfm, global (main table)"),
         Entry("lastfm, group", "rsllm", "stage2_clip/group/lastfm.json", "stage2_clip/group/logs/lastfm")],
 }
+# The data budget (MovieLens): 256 windows in 8 steps of 32 (main table) or 32 of 8 (b8), 1,024 in 128 of 8.
+_BUDGETS = (("256 windows, 8 x 32", "movielens.json", "logs/movielens"),
+            ("256 windows, 32 x 8", "budget/b8/movielens.json", "budget/b8/logs"),
+            ("1,024 windows, 128 x 8", "budget/w1024/movielens.json", "budget/w1024/logs"))
+COMPARISONS["w1024-table"] = [Entry(f"`{row}`, {label}", row, res, logs)
+                              for row in ("text_ft", "rsllm") for label, res, logs in _BUDGETS]
+
+# Figures (path relative to the doc's directory -> entries): the training NIP loss per answer against the
+# training windows seen, averaged over each 32 windows so runs with different batch sizes line up.
+FIGURES: dict[str, list[Entry]] = {"img/budget_nip.png": COMPARISONS["w1024-table"]}
 
 # Per-step gradient norms (before clipping): label -> (logs dir relative to results_dir, row).
 STEP_TABLES: dict[str, list[tuple[str, str, str]]] = {
@@ -187,6 +198,55 @@ def steps_table(results_dir: str, columns: list[tuple[str, str, str]]) -> str | 
     return "\n".join(lines)
 
 
+def nip_by_windows(run: dict, bin_windows: int = 32) -> list[tuple[int, float]]:
+    """(windows seen at the bin's end, mean NIP per answer over the bin) from a driver run entry's
+    nip_per_answer.per_step; a step of batch b covers windows (step - 1) * b .. step * b."""
+    per_step = (run.get("nip_per_answer") or {}).get("per_step") or []
+    if not per_step or not run.get("steps"):
+        return []
+    batch = run["train_samples"] / run["steps"]
+    bins: dict[int, list[float]] = {}
+    for step, nats in per_step:
+        bins.setdefault(int((step - 1) * batch // bin_windows), []).append(nats)
+    return [((b + 1) * bin_windows, sum(v) / len(v)) for b, v in sorted(bins.items())]
+
+
+def comparison_figure(results_dir: str, entries: list[Entry], out: str) -> str | None:
+    """One panel per row (stage), one line per entry; None when no entry has finished."""
+    panels: dict[str, list[tuple[str, list, float]]] = {}
+    for entry in entries:
+        run = next((e for e in _finished_runs(os.path.join(results_dir, entry.results)) if e["row"] == entry.row), None)
+        curve = nip_by_windows(run) if run else []
+        if curve:
+            panels.setdefault(entry.row, []).append((entry.label, curve, run["nip_per_answer"]["copy_floor"]))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (row, lines) in zip(axes[0], panels.items()):
+        for label, curve, _ in lines:
+            ax.plot(*zip(*curve), marker="o", ms=3, label=label)
+        floor = lines[0][2]
+        ax.axhline(floor, color="gray", linestyle="--", label=f"copy a random candidate ({floor:.2f})")
+        ax.set_title(f"`{row}`", fontsize=10)
+        ax.set_xlabel("training windows seen in the stage (mean over each 32)", fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training NIP loss per answer (nats)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
 def table(results_dir: str, name: str) -> str | None:
     """The block for marker `name` (None: its inputs are not there yet, the block is left as it is)."""
     if name.startswith("table:"):
@@ -245,10 +305,19 @@ def write(results_dir: str, doc_path: str) -> list[str]:
     return changed
 
 
+def write_figures(results_dir: str, doc_path: str) -> list[str]:
+    """Every FIGURES entry whose inputs exist, next to the doc (paths relative to its directory)."""
+    base = os.path.dirname(doc_path)
+    return [p for rel, entries in FIGURES.items()
+            if (p := comparison_figure(results_dir, entries, os.path.join(base, rel)))]
+
+
 def main(argv):
     del argv
     changed = write(flags.FLAGS.results_dir, flags.FLAGS.doc)
     print(f"{flags.FLAGS.doc}: regenerated {', '.join(changed) if changed else 'nothing (all tables current)'}")
+    for path in write_figures(flags.FLAGS.results_dir, flags.FLAGS.doc):
+        print(f"drew {path}")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,26 @@ def test_broken_results_json_names_the_file(results):
     (results / "movielens.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"movielens\.json: not JSON"):
         results_doc.splice(DOC, str(results))
+
+
+def test_nip_by_windows_lines_up_batch_sizes():
+    # Batch 8 (1,024 windows in 128 steps): four steps per 32-window bin, averaged.
+    run = dict(train_samples=64, steps=8, nip_per_answer=dict(per_step=[[s, float(s)] for s in range(1, 9)]))
+    assert results_doc.nip_by_windows(run) == [(32, 2.5), (64, 6.5)]
+    # Batch 32: one step per bin.
+    run = dict(train_samples=64, steps=2, nip_per_answer=dict(per_step=[[1, 9.0], [2, 5.0]]))
+    assert results_doc.nip_by_windows(run) == [(32, 9.0), (64, 5.0)]
+    assert results_doc.nip_by_windows(dict(train_samples=0, steps=0)) == []
+
+
+def test_comparison_figure_drawn_only_from_finished_runs(results, tmp_path):
+    entries = [results_doc.Entry("main", "rsllm", "movielens.json", "logs/movielens"),
+               results_doc.Entry("absent", "rsllm", "budget/none/movielens.json", "budget/none/logs")]
+    out = tmp_path / "img" / "fig.png"
+    assert results_doc.comparison_figure(str(results), entries, str(out)) is None  # no per-step series yet
+    data = json.loads((results / "movielens.json").read_text())
+    data["runs"][0].update(train_samples=64, steps=2)
+    data["runs"][0]["nip_per_answer"]["per_step"] = [[1, 9.0], [2, 5.0]]
+    (results / "movielens.json").write_text(json.dumps(data))
+    assert results_doc.comparison_figure(str(results), entries, str(out)) == str(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -578,7 +578,8 @@ def extract(row: Row, workdir: str, result: dict) -> dict:
     ll = _read_json(os.path.join(workdir, LIKELIHOOD_DIR, "metrics_test.json"))
     ll = ll if isinstance(ll, dict) and ll.get("n") == t.get("n") else {}  # only on the same test rows
     metrics.update(likelihood_hr1=ll.get("likelihood_hr1"), likelihood_sum_hr1=ll.get("likelihood_sum_hr1"),
-                   likelihood_mean_rank=ll.get("likelihood_mean_rank"))
+                   likelihood_mean_rank=ll.get("likelihood_mean_rank"), likelihood_copy_nats=ll.get("likelihood_copy_nats"),
+                   likelihood_choice_nats=ll.get("likelihood_choice_nats"))
     if row.kind == "eval":
         return dict(metrics=metrics, val=None, train_samples=0, steps=0, best_step=None,
                     wall_time_s=result.get("wall_time_s"))

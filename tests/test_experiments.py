@@ -269,7 +269,8 @@ def test_collect_from_fake_workdirs(tmp_path):
     r0 = runs["rsllm-s0"]
     assert r0["status"] == "finished" and r0["seed"] == 0
     assert r0["metrics"] == dict(valid_ratio=0.9, hit_ratio_at_1=0.4, accuracy=0.36, two_tower_hr1=0.2, hr10=0.1,
-                                 ndcg10=0.05, n=95, likelihood_hr1=0.2, likelihood_sum_hr1=0.1, likelihood_mean_rank=6.0)
+                                 ndcg10=0.05, n=95, likelihood_hr1=0.2, likelihood_sum_hr1=0.1, likelihood_mean_rank=6.0,
+                                 likelihood_copy_nats=None, likelihood_choice_nats=None)
     assert runs["text_ft-s0"]["metrics"]["likelihood_hr1"] is None  # evaluated on other rows: not mixed in
     assert (r0["train_samples"], r0["steps"], r0["wall_time_s"]) == (384, 12, 120.0)
     assert "--config.stage2.stage1_dir=" + str(d / "text_ft-s0") in r0["command"]

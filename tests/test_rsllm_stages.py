@@ -99,6 +99,8 @@ def test_stage1_stage2_eval_smoke(tmp_path, monkeypatch):
     assert ml["n"] == r2["test"]["n"] and "valid_ratio" not in ml
     assert 0.0 <= ml["likelihood_hr1"] <= 1.0 and 0.0 <= ml["likelihood_sum_hr1"] <= 1.0
     assert 1.0 <= ml["likelihood_mean_rank"] <= 20.0
+    assert ml["likelihood_copy_nats"] >= 0.0 and ml["likelihood_choice_nats"] >= 0.0
+    assert ml["likelihood_target_nats"] == pytest.approx(ml["likelihood_copy_nats"] + ml["likelihood_choice_nats"])
     assert ml["two_tower_hr1"] == r2["test"]["two_tower_hr1"]  # the other readouts are untouched
     preds = [json.loads(line) for line in (tmp_path / "eval_ll" / "predictions_test.jsonl").read_text().splitlines()]
     assert len(preds) == ml["n"] and "output" not in preds[0]
@@ -124,7 +126,7 @@ def _check_likelihood_ranks_against_teacher_forcing(cfg, llm, preds):
     records = eval_subset(split.test, cfg.eval.max_rows)
     for p in preds:
         rec = records[p["row"]]
-        means = []
+        means, sums, first = [], [], []
         for c in rec["candidates"]:
             ex = builder.render(rec["history"], rec["candidates"], c, cfg.prompts.eval_template, True)
             logits, _ = built.model.apply({"params": params}, ex["input_ids"][None], ex["attention_mask"][None],
@@ -133,6 +135,13 @@ def _check_likelihood_ranks_against_teacher_forcing(cfg, llm, preds):
             pos = np.flatnonzero(ex["loss_mask"])
             logp = jax.nn.log_softmax(logits[0, pos])[np.arange(len(pos)), ex["labels"][pos]]
             means.append(float(jnp.mean(logp)))
-        means = np.asarray(means)
-        assert p["likelihood_target_rank"] == int(np.sum(means >= means[p["target_position"]]))
+            sums.append(float(jnp.sum(logp)))
+            first.append(float(logp[0]))
+        means, sums, t = np.asarray(means), np.asarray(sums), p["target_position"]
+        assert p["likelihood_target_rank"] == int(np.sum(means >= means[t]))
         assert p["likelihood_top_position"] == int(np.argmax(means))
+        # The target's answer loss splits into copying a candidate and choosing the target among them.
+        log_mass = np.logaddexp.reduce(sums)
+        np.testing.assert_allclose(p["likelihood_copy_nats"], -log_mass, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(p["likelihood_choice_nats"], log_mass - sums[t], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(p["likelihood_first_token_nats"], -first[t], rtol=1e-3, atol=1e-3)

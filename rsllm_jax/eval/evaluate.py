@@ -123,6 +123,7 @@ class Evaluator:
         ds = eval_batches(records, EvalExample(self.builder, template=self.template, use_ids=self.use_ids),
                           global_batch_size=self.batch_size, buckets=self.buckets)
         scored, preds, cand_hits, ranks, ll_ranks, ll_sum_ranks = [], [], [], [], [], []
+        ll_split = []  # per row: (copy nats, choice nats, first-token nats of the target) -- see below
         n_batches = -(-len(records) // self.batch_size)
         llm, llm_params = for_inference(self.llm, params["llm"])
         for batch in tqdm(ds, total=n_batches, desc=f"eval {name}", disable=not is_writer(), leave=False):
@@ -163,8 +164,14 @@ class Evaluator:
                     # Rank 1 = best; ties count against the target (no credit for a flat score).
                     ll_ranks.append(int(np.sum(ll_mean[j] >= ll_mean[j, target_pos])))
                     ll_sum_ranks.append(int(np.sum(ll_sum[j] >= ll_sum[j, target_pos])))
+                    # The target answer's loss splits exactly into a copy part, -log P(answer is one of the
+                    # candidates' answers; disjoint events, each ends with its newline), and a choice part,
+                    # -log P(target | one of the candidates), which is ln 20 for a model with no preference.
+                    log_mass = float(np.logaddexp.reduce(ll_sum[j]))
+                    ll_split.append((-log_mass, log_mass - float(ll_sum[j, target_pos]), -float(logp[j, target_pos, 0])))
                     pred.update(likelihood_top_position=int(np.argmax(ll_mean[j])), likelihood_target_rank=ll_ranks[-1],
-                                likelihood_sum_target_rank=ll_sum_ranks[-1])
+                                likelihood_sum_target_rank=ll_sum_ranks[-1], likelihood_copy_nats=ll_split[-1][0],
+                                likelihood_choice_nats=ll_split[-1][1], likelihood_first_token_nats=ll_split[-1][2])
                 if two_tower:
                     u = v_user[j]
                     cand_scores = item_vecs[rec["candidates"]] @ u
@@ -179,8 +186,13 @@ class Evaluator:
         metrics = generation_metrics.aggregate(scored) if self.do_generate else dict(n=len(preds))
         if self.score_candidates:
             ll_ranks, ll_sum_ranks = np.asarray(ll_ranks), np.asarray(ll_sum_ranks)
+            copy, choice, first = np.asarray(ll_split).reshape(-1, 3).T
             metrics.update(likelihood_hr1=float(np.mean(ll_ranks == 1)), likelihood_sum_hr1=float(np.mean(ll_sum_ranks == 1)),
-                           likelihood_mean_rank=float(np.mean(ll_ranks)))
+                           likelihood_mean_rank=float(np.mean(ll_ranks)),
+                           # Means over rows, in nats: target answer loss = copy + choice.
+                           likelihood_copy_nats=float(np.mean(copy)), likelihood_choice_nats=float(np.mean(choice)),
+                           likelihood_target_nats=float(np.mean(copy + choice)),
+                           likelihood_first_token_nats=float(np.mean(first)))
         if two_tower:
             hr10, ndcg10 = ranking.hr_ndcg_at_k(np.asarray(ranks), 10)
             metrics.update(two_tower_hr1=float(np.mean(cand_hits)), two_tower_hr10=float(np.mean(hr10)),

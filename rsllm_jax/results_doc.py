@@ -122,14 +122,15 @@ def overview_table(results_dir: str) -> str | None:
 
 
 def likelihood_table(results_dir: str) -> str:
-    lines = ["| dataset | row | LL HR@1 | hits | LL HR@1, summed log-likelihood | mean rank of the target (of 20) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| dataset | row | LL HR@1 | hits | LL HR@1, summed log-likelihood | mean rank of the target (of 20) | "
+             "copy + choice nats |", "|---|---|---|---|---|---|---|"]
     for ds in DATASETS:
         for e in _finished_runs(os.path.join(results_dir, f"{ds}.json")):
             m = e.get("metrics") or {}
             if m.get("likelihood_hr1") is not None:
                 lines.append(f"| {ds} | `{e['row']}` | {m['likelihood_hr1']:.3f} | {round(m['likelihood_hr1'] * m['n'])} / "
-                             f"{m['n']} | {m['likelihood_sum_hr1']:.3f} | {m['likelihood_mean_rank']:.2f} |")
+                             f"{m['n']} | {m['likelihood_sum_hr1']:.3f} | {m['likelihood_mean_rank']:.2f} | "
+                             f"{_copy_choice(m)} |")
     return "\n".join(lines)
 
 
@@ -154,26 +155,36 @@ def _norm_summary(steps: list[dict], key: str = "grad_norm") -> str:
     return f"{v[0]:.1f} / {max(v):.1f} / {v[-1]:.1f}" if v else "—"
 
 
+def _copy_choice(m: dict) -> str:
+    """The test target's answer loss from the likelihood readout, split into copying one of the candidates
+    and choosing the target among them (ln 20 = 3.00: no preference); '—' for runs from before the split."""
+    if m.get("likelihood_copy_nats") is None:
+        return "—"
+    return f"{m['likelihood_copy_nats']:.2f} + {m['likelihood_choice_nats']:.2f}"
+
+
 def comparison_table(results_dir: str, entries: list[Entry]) -> str:
     """One line per entry; an entry whose run has not finished (or not been collected) says so."""
-    lines = ["| run | ValidRatio | hits | HitRatio@1 | 2T HR@1 | LL hits / mean rank | NIP per answer: step 1 -> "
-             "last quarter | grad norm first / max / last | projector / LoRA norm first / max / last |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | ValidRatio | hits | HitRatio@1 | 2T HR@1 | LL hits / mean rank | LL copy + choice nats | "
+             "NIP per answer: step 1 -> last quarter | grad norm first / max / last | "
+             "projector / LoRA norm first / max / last |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for entry in entries:
         run = next((e for e in _finished_runs(os.path.join(results_dir, entry.results)) if e["row"] == entry.row), None)
         if run is None:
-            lines.append(f"| {entry.label} | not run yet | | | | | | | |")
+            lines.append(f"| {entry.label} | not run yet | | | | | | | | |")
             continue
         m, n = run["metrics"], run.get("nip_per_answer") or {}
         ll = (f"{round(m['likelihood_hr1'] * m['n'])} / {m['likelihood_mean_rank']:.2f}"
               if m.get("likelihood_hr1") is not None else "—")
         nip = f"{n['first']:.2f} -> {n['last']:.2f}" if n else "—"
+        split = _copy_choice(m)
         steps = _metrics_log(os.path.join(results_dir, entry.logs, f"{entry.row}-s0", "metrics.jsonl"))
         groups = "—"
         if any("grad_norm/projector" in s for s in steps):
             groups = f"{_norm_summary(steps, 'grad_norm/projector')}; {_norm_summary(steps, 'grad_norm/llm')}"
         lines.append(f"| {entry.label} | {_f(m['valid_ratio'])} | {round(m['accuracy'] * m['n'])} / {m['n']} | "
-                     f"{_f(m['hit_ratio_at_1'])} | {_f(m.get('two_tower_hr1'))} | {ll} | {nip} | {_norm_summary(steps)} | "
+                     f"{_f(m['hit_ratio_at_1'])} | {_f(m.get('two_tower_hr1'))} | {ll} | {split} | {nip} | {_norm_summary(steps)} | "
                      f"{groups} |")
     return "\n".join(lines)
 

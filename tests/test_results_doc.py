@@ -33,7 +33,9 @@ def results(tmp_path):
                                "Not in the table: nothing\n")
     _steps(r / "logs/movielens/rsllm-s0/metrics.jsonl", [dict(grad_norm=1.5), dict(grad_norm=11.5), dict(grad_norm=9.7)])
     # The group-clip comparison run, which logged the norm per parameter group.
-    _write(r / "stage2_clip/group/movielens.json", json.dumps(dict(summary={}, runs=[_run("rsllm", 0.8, 9, 95)])))
+    _write(r / "stage2_clip/group/movielens.json", json.dumps(dict(summary={}, runs=[_run(
+        "rsllm", 0.8, 9, 95, likelihood_hr1=7 / 95, likelihood_mean_rank=10.3, likelihood_copy_nats=2.5,
+        likelihood_choice_nats=2.9)])))
     _steps(r / "stage2_clip/group/logs/movielens/rsllm-s0/metrics.jsonl",
            [{"grad_norm": 5.0, "grad_norm/projector": 4.0, "grad_norm/llm": 3.0},
             {"grad_norm": 13.0, "grad_norm/projector": 12.0, "grad_norm/llm": 5.0}])
@@ -78,11 +80,13 @@ def test_tables_regenerate_and_prose_stays(results):
     assert set(changed) == {"table:movielens", "ll-table", "clip-table", "clip-steps"}
     assert _block(doc, "table:movielens") == "| row | what | seeds |\n|---|---|---|\n| `rsllm` | x | 0 |\n"
     assert _block(doc, "table:steam") == "kept: no steam results yet\n"  # no inputs: left as it was
-    assert "| movielens | `rsllm` | 0.074 | 7 / 95 | 0.060 | 10.30 |" in _block(doc, "ll-table")
+    assert "| movielens | `rsllm` | 0.074 | 7 / 95 | 0.060 | 10.30 | — |" in _block(doc, "ll-table")
 
     rows = {line.split(" | ")[0][2:]: line for line in _block(doc, "clip-table").splitlines()[2:]}
     assert rows["movielens, global (main table)"].startswith(
-        "| movielens, global (main table) | 0.600 | 6 / 95 | 0.105 | 0.050 | 7 / 10.30 | 5.30 -> 5.80 | 1.5 / 11.5 / 9.7 | — |")
+        "| movielens, global (main table) | 0.600 | 6 / 95 | 0.105 | 0.050 | 7 / 10.30 | — | 5.30 -> 5.80 | 1.5 / 11.5 / 9.7 | — |")
+    # A run with the copy / choice split of its likelihood readout shows it.
+    assert "| 7 / 10.30 | 2.50 + 2.90 | 5.30 -> 5.80 |" in rows["movielens, group"]
     assert rows["movielens, group"].endswith("| 5.0 / 13.0 / 13.0 | 4.0 / 12.0 / 12.0; 3.0 / 5.0 / 5.0 |")
     assert "not run yet" in rows["movielens, global (re-run)"] and "not run yet" in rows["lastfm, group"]
 

@@ -12,6 +12,7 @@ The figures in FIGURES (training loss against windows seen, per comparison) are 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -59,6 +60,17 @@ _BUDGETS = (("256 windows, 8 x 32", "movielens.json", "logs/movielens"),
             ("1,024 windows, 128 x 8", "budget/w1024/movielens.json", "budget/w1024/logs"))
 COMPARISONS["w1024-table"] = [Entry(f"`{row}`, {label}", row, res, logs)
                               for row in ("text_ft", "rsllm") for label, res, logs in _BUDGETS]
+
+# In-batch InfoNCE against its chance level, ln(micro-batch): the negatives are the other rows of a micro-batch.
+INFONCE_TABLES: dict[str, list[Entry]] = {"infonce-table": [
+    _main("movielens", "rsllm", "movielens `rsllm`, 256 windows, 8 x 32"),
+    _main("movielens", "no_tt", "movielens `no_tt`, 256 windows, 8 x 32"),
+    _main("movielens", "no_stage1", "movielens `no_stage1`, 256 windows, 8 x 32"),
+    Entry("movielens `rsllm`, 256 windows, 32 x 8", "rsllm", "budget/b8/movielens.json", "budget/b8/logs"),
+    Entry("movielens `rsllm`, 1,024 windows, 128 x 8", "rsllm", "budget/w1024/movielens.json", "budget/w1024/logs"),
+    Entry("movielens `rsllm`, 1,024 windows, 128 x 8, micro-batch 8", "rsllm", "budget/w1024_mb8/movielens.json",
+          "budget/w1024_mb8/logs"),
+    _main("lastfm", "rsllm", "lastfm `rsllm`, 256 windows, 8 x 32")]}
 
 # Figures (path relative to the doc's directory -> entries): the training NIP loss per answer against the
 # training windows seen, averaged over each 32 windows so runs with different batch sizes line up.
@@ -258,6 +270,34 @@ def comparison_figure(results_dir: str, entries: list[Entry], out: str) -> str |
     return out
 
 
+def _quarters(steps: list[dict], key: str) -> str:
+    v = [m[key] for m in steps if key in m]
+    if not v:
+        return "—"
+    q = max(1, len(v) // 4)
+    return f"{sum(v[:q]) / q:.2f} -> {sum(v[-q:]) / q:.2f}"
+
+
+def infonce_table(results_dir: str, entries: list[Entry]) -> str:
+    """Per run: micro-batch, chance ln(micro-batch), L_UT and L_TT (mean of the first -> last quarter of
+    the steps, from metrics.jsonl) and the two-tower HR@1 that L_UT trains for."""
+    lines = ["| run | micro-batch | chance ln(micro-batch) | L_UT first -> last quarter | L_TT first -> last quarter "
+             "| 2T HR@1 | hits |", "|---|---|---|---|---|---|---|"]
+    for entry in entries:
+        run = next((e for e in _finished_runs(os.path.join(results_dir, entry.results)) if e["row"] == entry.row), None)
+        run_dir = os.path.join(results_dir, entry.logs, f"{entry.row}-s0")
+        if run is None or not os.path.exists(os.path.join(run_dir, "config.json")):
+            lines.append(f"| {entry.label} | not run yet | | | | | |")
+            continue
+        train = _read_json(os.path.join(run_dir, "config.json"))["train"]
+        micro = train["batch_size"] // train["grad_accum_steps"]
+        steps = _metrics_log(os.path.join(run_dir, "metrics.jsonl"))
+        m = run["metrics"]
+        lines.append(f"| {entry.label} | {micro} | {math.log(micro):.2f} | {_quarters(steps, 'l_ut')} | "
+                     f"{_quarters(steps, 'l_tt')} | {_f(m.get('two_tower_hr1'))} | {round(m['accuracy'] * m['n'])} / {m['n']} |")
+    return "\n".join(lines)
+
+
 def table(results_dir: str, name: str) -> str | None:
     """The block for marker `name` (None: its inputs are not there yet, the block is left as it is)."""
     if name.startswith("table:"):
@@ -272,6 +312,8 @@ def table(results_dir: str, name: str) -> str | None:
         return comparison_table(results_dir, COMPARISONS[name])
     if name in STEP_TABLES:
         return steps_table(results_dir, STEP_TABLES[name])
+    if name in INFONCE_TABLES:
+        return infonce_table(results_dir, INFONCE_TABLES[name])
     raise KeyError(name)
 
 
@@ -295,7 +337,7 @@ def splice(doc: str, results_dir: str, doc_path: str = "doc") -> tuple[str, list
             block = table(results_dir, name)
         except KeyError:
             raise ValueError(f"{doc_path}:{i + 1}: unknown table <!-- {name} --> (known: table:<dataset>, overview, "
-                             f"ll-table, nip-table, {', '.join([*COMPARISONS, *STEP_TABLES])})") from None
+                             f"ll-table, nip-table, {', '.join([*COMPARISONS, *STEP_TABLES, *INFONCE_TABLES])})") from None
         old = lines[i + 1:end]
         new = old if block is None else block.split("\n")
         if new != old:

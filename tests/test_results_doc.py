@@ -142,3 +142,15 @@ def test_comparison_figure_drawn_only_from_finished_runs(results, tmp_path):
     (results / "movielens.json").write_text(json.dumps(data))
     assert results_doc.comparison_figure(str(results), entries, str(out)) == str(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_infonce_table_against_chance(results):
+    run_dir = results / "logs/movielens/rsllm-s0"
+    _write(run_dir / "config.json", json.dumps(dict(train=dict(batch_size=32, grad_accum_steps=8))))
+    _steps(run_dir / "metrics.jsonl", [dict(grad_norm=1.0, l_ut=1.6 - 0.1 * i, l_tt=0.8 - 0.1 * i) for i in range(8)])
+    entries = [results_doc.Entry("main", "rsllm", "movielens.json", "logs/movielens"),
+               results_doc.Entry("absent", "rsllm", "budget/none/movielens.json", "budget/none/logs")]
+    lines = results_doc.infonce_table(str(results), entries).splitlines()
+    # Micro-batch 32 / 8 = 4: chance ln 4; first and last quarter (2 of 8 steps) of each loss.
+    assert lines[2] == "| main | 4 | 1.39 | 1.55 -> 0.95 | 0.75 -> 0.15 | 0.050 | 6 / 95 |"
+    assert lines[3].startswith("| absent | not run yet |")

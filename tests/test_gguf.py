@@ -1,6 +1,9 @@
 """GGUF import: llama.cpp's q/k permutation, tiny written GGUFs, and the real SmolLM2 file."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import gguf
 import numpy as np
 import pytest
@@ -149,6 +152,29 @@ def test_smollm2_metadata_and_tokenizer(smollm2_path):
     assert "Q4_1" in types  # the shipped quantization (token embedding Q8_0, norms F32)
     tok = load_gguf_tokenizer(smollm2_path)
     assert tok.decode(tok("Hello world\n").input_ids) == "Hello world\n"
+    # The same tokenizer as transformers' own GGUF route (which needs torch): backend, specials, template.
+    ref = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    assert tok.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
+        ref.bos_token, ref.eos_token, ref.pad_token, ref.unk_token)
+    for text in ("Heat [IID]\n", "  Amélie  ", "Counter-Strike: Global Offensive™", "<|im_start|>user\nhi<|im_end|>"):
+        assert tok(text).input_ids == ref(text).input_ids, text
+    chat = [{"role": "user", "content": "Name one of these: Heat, Alien."}]
+    assert (tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_loads_without_torch(smollm2_path):
+    # `pip install -e .` (the README's main command) installs no torch: the GGUF tokenizer must not need it.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from rsllm_jax.checkpoint.gguf import load_gguf_tokenizer\n"
+            f"tok = load_gguf_tokenizer({str(smollm2_path)!r})\n"
+            "print(len(tok), tok('Heat [IID]').input_ids)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ref = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    assert out.stdout.split("\n")[-2] == f"{len(ref)} {ref('Heat [IID]').input_ids}"
 
 
 @pytest.fixture(scope="module")

@@ -103,8 +103,33 @@ def load_gguf(
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer embedded in the GGUF, via transformers (works offline: nothing is fetched)."""
-    from transformers import AutoTokenizer
+    """The tokenizer embedded in the GGUF, built offline by transformers' own GGUF tokenizer converter.
 
-    path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    The metadata is read with the gguf package, not through `AutoTokenizer(gguf_file=...)`: from
+    transformers 5.20 on, its GGUF reader imports torch, which a JAX install does not have
+    (`pip install -e .` then failed in `load_llm` with "Could not import module 'read_gguf_metadata'").
+    tests/test_gguf.py checks that both routes give the same tokenizer on the real SmolLM2 file."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    reader = gguf.GGUFReader(str(path))
+    metadata = {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.")}
+    if "tokenizer.ggml.tokens" not in metadata:
+        raise ValueError(f"{path}: no tokenizer in this GGUF (no tokenizer.ggml.tokens); pass a Hugging Face "
+                         "checkpoint directory with tokenizer files instead")
+    # transformers' renames of the tokenizer.* keys, grouped into the converter's input and the
+    # tokenizer's config (chat template, add_bos/eos flags), as its own GGUF path does.
+    groups = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                      if f"tokenizer.{key}" in metadata}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer_dict, tokenizer_config = groups["tokenizer"], groups["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS to a sentencepiece vocabulary whose file does not say otherwise.
+        tokenizer_config.setdefault("add_bos_token", True)
+    tokens = tokenizer_dict["tokens"]
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokens[token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(_field(reader, gguf.Keys.General.ARCHITECTURE), tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=str(path), **tokenizer_config, **extra)

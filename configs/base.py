@@ -78,6 +78,11 @@ def get_config():
     c.loss.weight_ut = 0.1  # b: L_UT = InfoNCE(v_U -> v_T)
     c.loss.temperature = 0.05
     c.loss.align_weight = 0.0  # optional ID-text alignment InfoNCE (ours)
+    # Whose rows are the InfoNCE negatives. "micro_batch": the other rows of one micro-batch (the spec's
+    # in-batch form; with gradient accumulation the pool is batch_size / grad_accum_steps). "step" (ours):
+    # every row of the step's batch, through a GradCache pass (one extra forward, same memory), so the
+    # gradient equals an un-accumulated batch's.
+    c.loss.nce_pool = "micro_batch"
     # LM-head logits only at the first N answer (loss) positions per row, 0 = at every position. Titles
     # are short, so 64 loses nothing (metrics report answer_tokens_dropped) and skips ~90 % of the
     # vocabulary matmul, the step's largest.

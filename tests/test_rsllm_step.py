@@ -167,3 +167,68 @@ def test_logits_at_answer_positions_only_give_the_same_loss_and_gradients():
     # A cap below the answer length drops tokens, and says so.
     (_, m_cut), _ = grads(1)
     assert float(m_cut["answer_tokens_dropped"]) == float(m_full["answer_tokens"]) - 8
+
+
+def _step_grads(llm, batch, accum, pool, mesh_shape=(1, 1, 1), nip_weight=0.0):
+    """The gradient one train step applies (SGD at rate 1 without clipping: delta = -grad) and its metrics."""
+    import optax
+
+    from rsllm_jax.train.rsllm_step import rsllm_objective
+    cfg = _cfg(*mesh_shape)
+    cfg.train.grad_accum_steps = accum
+    cfg.loss.nce_pool = pool
+    cfg.loss.weight_tt = cfg.loss.weight_ut = (1.0 - nip_weight) / 2
+    n_dev = int(np.prod(mesh_shape))
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:n_dev])
+    rules = sharding.rules_from_config(cfg.mesh.rules)
+    built = _built(cfg, mesh, llm)
+    (tr, fr), (tr_sh, fr_sh) = built.split()
+    tx = optax.sgd(1.0)
+    state = step_lib.create_state(tr, fr, tx)
+    repl = sharding.replicated(mesh)
+    state_sh = step_lib.TrainState(step=repl, trainable=tr_sh, frozen=fr_sh,
+                                   opt_state=jax.tree.map(lambda _: repl, state.opt_state))
+    batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+    fn = step_lib.jit_train_step(rsllm_objective(built.model, cfg.loss), tx, accum, state_sh, batch_sh, repl)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        before = jax.device_get(state.trainable)
+        new, m = fn(jax.device_put(state, state_sh), jax.device_put(batch, batch_sh), jax.random.key(0))
+        grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), before, jax.device_get(new.trainable))
+    return grads, {k: float(v) for k, v in m.items()}
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)], ids=["1-device", "8-devices"])
+def test_step_pool_gives_the_gradient_of_one_unaccumulated_batch(mesh_shape):
+    # InfoNCE only (NIP weight 0): its negatives are the whole batch of 16 with nce_pool="step", so 4
+    # accumulated micro-batches of 4 must give the loss and gradient of one batch of 16.
+    llm = tiny_llm()
+    builder = PromptBuilder(llm[2], TITLES, llm[0].vocab_size, PromptSettings(buckets=(128, 256)))
+    batch = _batch(builder, n=16, seed=3)
+    whole, m_whole = _step_grads(llm, batch, 1, "micro_batch")
+    pooled, m_pooled = _step_grads(llm, batch, 4, "step", mesh_shape)
+    micro, m_micro = _step_grads(llm, batch, 4, "micro_batch")
+    for k in ("l_ut", "l_tt", "loss"):
+        np.testing.assert_allclose(m_pooled[k], m_whole[k], rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-6), whole, pooled)
+    # Negatives from one micro-batch are a different loss with a different gradient (what the pool fixes).
+    assert m_micro["l_ut"] < m_whole["l_ut"] - 0.1
+    delta = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(micro)))
+    scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(whole))
+    assert delta > 0.05 * scale
+
+
+def test_step_pool_keeps_nip_per_micro_batch_and_rejects_an_unknown_pool():
+    llm = tiny_llm()
+    builder = PromptBuilder(llm[2], TITLES, llm[0].vocab_size, PromptSettings(buckets=(128, 256)))
+    batch = _batch(builder, n=8, seed=4)
+    # All weight on NIP: the pool changes nothing, so "step" and "micro_batch" take the same step.
+    g_step, m_step = _step_grads(llm, batch, 2, "step", nip_weight=1.0)
+    g_micro, m_micro = _step_grads(llm, batch, 2, "micro_batch", nip_weight=1.0)
+    for k in ("nip", "loss", "answer_tokens"):
+        np.testing.assert_allclose(m_step[k], m_micro[k], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-7), g_micro, g_step)
+    from rsllm_jax.train.rsllm_step import rsllm_objective
+    cfg = _cfg()
+    cfg.loss.nce_pool = "global"
+    with pytest.raises(ValueError, match=r"config.loss.nce_pool='global'.*micro_batch, step"):
+        rsllm_objective(None, cfg.loss)

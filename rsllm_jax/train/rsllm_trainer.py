@@ -13,7 +13,6 @@ state, step, Grain iterator, config), metrics_<split>.json, predictions_<split>.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from rsllm_jax.train.optimizer import (
     schedule_for,
 )
 from rsllm_jax.train.rsllm_setup import build_rsllm
-from rsllm_jax.train.rsllm_step import rsllm_loss
+from rsllm_jax.train.rsllm_step import nce_pool_size, rsllm_objective
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
 
 
@@ -166,8 +165,9 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
     records = subsample(records, cfg.train.max_train_samples, cfg.seed)
     bs, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
     total_steps = max(1, math.ceil(cfg.train.num_epochs * len(records) / bs))
-    logging.info("%s: %d of %d training windows, batch %d (%d x %d micro), %d steps", stage, len(records), n_all,
-                 bs, accum, bs // accum, total_steps)
+    logging.info("%s: %d of %d training windows, batch %d (%d x %d micro), %d steps; InfoNCE pool %d (%s)", stage,
+                 len(records), n_all, bs, accum, bs // accum, total_steps, nce_pool_size(cfg.loss, bs, accum),
+                 cfg.loss.nce_pool)
 
     example = TrainExample(
         builders, num_items={n: sp.num_items for n, sp in splits.items()}, num_candidates=cfg.data.num_candidates,
@@ -179,7 +179,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
 
     tx = make_optimizer(cfg.optim, total_steps)
     lr_schedule = schedule_for(cfg.optim, total_steps)
-    loss_fn = functools.partial(rsllm_loss, built.model, cfg.loss)
+    loss_fn = rsllm_objective(built.model, cfg.loss)  # fails here on an unknown config.loss.nce_pool
     state = step_lib.create_state(trainable, frozen, tx)
     repl = sharding.replicated(mesh)
     state_sh = step_lib.TrainState(step=repl, trainable=trainable_sh, frozen=frozen_sh,

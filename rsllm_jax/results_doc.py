@@ -61,7 +61,8 @@ _BUDGETS = (("256 windows, 8 x 32", "movielens.json", "logs/movielens"),
 COMPARISONS["w1024-table"] = [Entry(f"`{row}`, {label}", row, res, logs)
                               for row in ("text_ft", "rsllm") for label, res, logs in _BUDGETS]
 
-# In-batch InfoNCE against its chance level, ln(micro-batch): the negatives are the other rows of a micro-batch.
+# In-batch InfoNCE against its chance level, ln(pool): the negatives are the other rows of a micro-batch, or of
+# the whole step with config.loss.nce_pool="step".
 INFONCE_TABLES: dict[str, list[Entry]] = {"infonce-table": [
     _main("movielens", "rsllm", "movielens `rsllm`, 256 windows, 8 x 32"),
     _main("movielens", "no_tt", "movielens `no_tt`, 256 windows, 8 x 32"),
@@ -70,6 +71,8 @@ INFONCE_TABLES: dict[str, list[Entry]] = {"infonce-table": [
     Entry("movielens `rsllm`, 1,024 windows, 128 x 8", "rsllm", "budget/w1024/movielens.json", "budget/w1024/logs"),
     Entry("movielens `rsllm`, 1,024 windows, 128 x 8, micro-batch 8", "rsllm", "budget/w1024_mb8/movielens.json",
           "budget/w1024_mb8/logs"),
+    Entry("movielens `rsllm`, 256 windows, 8 x 32, pool = step", "rsllm", "stage2_pool/step/movielens.json",
+          "stage2_pool/step/logs"),
     _main("lastfm", "rsllm", "lastfm `rsllm`, 256 windows, 8 x 32")]}
 
 # Figures (path relative to the doc's directory -> entries): the training NIP loss per answer against the
@@ -279,21 +282,24 @@ def _quarters(steps: list[dict], key: str) -> str:
 
 
 def infonce_table(results_dir: str, entries: list[Entry]) -> str:
-    """Per run: micro-batch, chance ln(micro-batch), L_UT and L_TT (mean of the first -> last quarter of
-    the steps, from metrics.jsonl) and the two-tower HR@1 that L_UT trains for."""
-    lines = ["| run | micro-batch | chance ln(micro-batch) | L_UT first -> last quarter | L_TT first -> last quarter "
-             "| 2T HR@1 | hits |", "|---|---|---|---|---|---|---|"]
+    """Per run: micro-batch, InfoNCE pool (rows per InfoNCE term), chance ln(pool), L_UT and L_TT (mean of the
+    first -> last quarter of the steps, from metrics.jsonl) and the two-tower HR@1 that L_UT trains for."""
+    lines = ["| run | micro-batch | InfoNCE pool | chance ln(pool) | L_UT first -> last quarter "
+             "| L_TT first -> last quarter | 2T HR@1 | hits |", "|---|---|---|---|---|---|---|---|"]
     for entry in entries:
         run = next((e for e in _finished_runs(os.path.join(results_dir, entry.results)) if e["row"] == entry.row), None)
         run_dir = os.path.join(results_dir, entry.logs, f"{entry.row}-s0")
         if run is None or not os.path.exists(os.path.join(run_dir, "config.json")):
-            lines.append(f"| {entry.label} | not run yet | | | | | |")
+            lines.append(f"| {entry.label} | not run yet | | | | | | |")
             continue
-        train = _read_json(os.path.join(run_dir, "config.json"))["train"]
+        cfg = _read_json(os.path.join(run_dir, "config.json"))
+        train = cfg["train"]
         micro = train["batch_size"] // train["grad_accum_steps"]
+        # train/rsllm_step.nce_pool_size: runs before the option existed pooled per micro-batch.
+        pool = train["batch_size"] if cfg.get("loss", {}).get("nce_pool") == "step" else micro
         steps = _metrics_log(os.path.join(run_dir, "metrics.jsonl"))
         m = run["metrics"]
-        lines.append(f"| {entry.label} | {micro} | {math.log(micro):.2f} | {_quarters(steps, 'l_ut')} | "
+        lines.append(f"| {entry.label} | {micro} | {pool} | {math.log(pool):.2f} | {_quarters(steps, 'l_ut')} | "
                      f"{_quarters(steps, 'l_tt')} | {_f(m.get('two_tower_hr1'))} | {round(m['accuracy'] * m['n'])} / {m['n']} |")
     return "\n".join(lines)
 

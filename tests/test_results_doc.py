@@ -152,5 +152,10 @@ def test_infonce_table_against_chance(results):
                results_doc.Entry("absent", "rsllm", "budget/none/movielens.json", "budget/none/logs")]
     lines = results_doc.infonce_table(str(results), entries).splitlines()
     # Micro-batch 32 / 8 = 4: chance ln 4; first and last quarter (2 of 8 steps) of each loss.
-    assert lines[2] == "| main | 4 | 1.39 | 1.55 -> 0.95 | 0.75 -> 0.15 | 0.050 | 6 / 95 |"
+    assert lines[2] == "| main | 4 | 4 | 1.39 | 1.55 -> 0.95 | 0.75 -> 0.15 | 0.050 | 6 / 95 |"
     assert lines[3].startswith("| absent | not run yet |")
+    # With the step-wide pool every row of the batch of 32 is a negative: chance ln 32.
+    _write(run_dir / "config.json", json.dumps(dict(train=dict(batch_size=32, grad_accum_steps=8),
+                                                    loss=dict(nce_pool="step"))))
+    lines = results_doc.infonce_table(str(results), entries).splitlines()
+    assert lines[2].startswith("| main | 4 | 32 | 3.47 |")

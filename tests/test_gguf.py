@@ -170,6 +170,7 @@ def test_smollm2_tokenizer_loads_without_torch(smollm2_path):
     code = ("import sys; sys.modules['torch'] = None\n"
             "from rsllm_jax.checkpoint.gguf import load_gguf_tokenizer\n"
             f"tok = load_gguf_tokenizer({str(smollm2_path)!r})\n"
+            "tok.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False)\n"
             "print(len(tok), tok('Heat [IID]').input_ids)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -310,6 +310,9 @@ def _plan_one(opts, row: Row, seed: int, lr) -> Run:
 
 
 LIKELIHOOD_DIR = "likelihood"  # inside an LLM row's workdir
+# Each finished LLM run's answer bias, kept next to its predictions so a copy of the run's logs without
+# them (results/logs/) still rebuilds the table.
+ANSWER_BIAS_FILE = "answer_bias_test.json"
 
 
 def likelihood_run(opts, run: Run) -> Run | None:
@@ -686,13 +689,19 @@ def diagnostics(runs: list[Run], entries: list[dict]) -> dict | None:
         return eval_subset(split.test, int((cfg.get("eval") or {}).get("max_rows") or 0))
 
     for run, entry in zip(runs, entries):
+        if run.key not in done_keys or run.row.kind == "sasrec":
+            continue
         path = os.path.join(run.workdir, "predictions_test.jsonl")
-        if run.key in done_keys and run.row.kind != "sasrec" and os.path.exists(path):
+        saved = os.path.join(run.workdir, ANSWER_BIAS_FILE)
+        if os.path.exists(path):
             try:
                 entry["answer_bias"] = answer_bias.answer_bias(answer_bias.read_predictions(path),
                                                                test_rows(configs[run.key]), counts)
             except ValueError as e:  # predictions from before positions were recorded
                 entry["answer_bias"] = dict(error=str(e))
+            write_json_atomic(saved, entry["answer_bias"])
+        elif os.path.exists(saved):  # a run's logs without its predictions (they quote the dataset's titles)
+            entry["answer_bias"] = _read_json(saved)
     rows = test_rows(first)
     return dict(n=len(rows), random_hr1=1.0 / len(rows[0]["candidates"]),
                 most_popular_hr1=answer_bias.most_popular_hr1(rows, counts), source=f"{done[0].workdir}/config.json")

@@ -396,6 +396,15 @@ def test_tiny_end_to_end_and_resume(tiny_setup, monkeypatch, capsys):
         assert bias["valid"] == round(runs[key]["metrics"]["valid_ratio"] * bias["n"])
     assert "answer_bias" not in runs["sasrec-s0"]
     assert "| `rsllm` s0 |" in md.split("What the LLM rows' valid test answers follow")[1]
+    # The report is saved beside the run: collected again without the predictions (a copy of the logs),
+    # the table keeps it.
+    assert json.loads((d / "rsllm-s0" / ex.ANSWER_BIAS_FILE).read_text()) == runs["rsllm-s0"]["answer_bias"]
+    (d / "rsllm-s0" / "predictions_test.jsonl").rename(d / "rsllm-s0" / "predictions_test.jsonl.bak")
+    assert ex.main([*argv[:-len(extra) - 1], "--collect_only", "--", *extra]) == 0
+    again = {f"{e['row']}-s{e['seed']}": e for e in json.loads((results / "custom.json").read_text())["runs"]}
+    assert again["rsllm-s0"]["answer_bias"] == runs["rsllm-s0"]["answer_bias"]
+    (d / "rsllm-s0" / "predictions_test.jsonl.bak").rename(d / "rsllm-s0" / "predictions_test.jsonl")
+    capsys.readouterr()
 
     # Rerun: everything is finished, nothing runs again, the tables are rebuilt.
     mtime = (results / "custom.json").stat().st_mtime_ns

@@ -80,3 +80,23 @@ def test_targets_are_reported(results):
     assert all(isinstance(v["met"], bool) for v in results["targets"].values())
     assert results["decode"]["shape"]["new_tokens"] == 4
     assert results["sasrec"]["data"] == "synthetic" and results["sasrec"]["steps_per_epoch"] == 4
+
+
+def test_nce_pool_benchmark_times_both_pools(tmp_path):
+    # benchmarks.nce_pool on a tiny random LLaMA: both variants run, and "step" pools the whole batch.
+    config, params, _ = tiny_llm()
+    ckpt = save_hf(params, config, tmp_path / "tiny_llama")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "benchmarks.nce_pool", f"--out={out}", f"--model={ckpt}", "--batch=4", "--accum=2",
+           "--seq_len=32", "--target_len=8", "--repeats=1", "--warmup=0"]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| `step` | 4 |" in proc.stdout and "| `micro_batch` | 2 |" in proc.stdout
+    res = json.loads((out / "nce_pool.json").read_text())
+    micro, step = res["variants"]
+    assert (micro["pool"], step["pool"]) == ("micro_batch", "step")
+    for v in (micro, step):
+        assert _positive(v["median_s"]) and _positive(v["tokens_per_s"])
+    # Same weights and batch: NIP agrees, the InfoNCE terms see 1 vs 3 negatives and differ.
+    assert step["first_step"]["nip"] == pytest.approx(micro["first_step"]["nip"], rel=1e-5)
+    assert step["first_step"]["l_ut"] != pytest.approx(micro["first_step"]["l_ut"], rel=1e-3)

@@ -67,19 +67,11 @@ def run_variant(llm, pool: str, batch: dict) -> dict:
     rng = jax.random.key(0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # what the trainer wraps its steps in
         state = jax.device_put(state, state_sh)
-        compile_s, compiled = timing.timed(lambda: fn.lower(state, jax.device_put(batch, batch_sh), rng).compile())
-        box = {"state": state}
-
-        def step():
-            box["state"], metrics = compiled(box["state"], jax.device_put(batch, batch_sh), rng)
-            return jax.block_until_ready((box["state"], metrics))[1]
-
-        first_s, metrics = timing.timed(step)
-        times = timing.repeat(step, repeats=_REPEATS.value, warmup=_WARMUP.value)
+        times, compiled = timing.time_train_step(fn, state, batch, batch_sh, rng, repeats=_REPEATS.value,
+                                                 warmup=_WARMUP.value)
     tokens = _BATCH.value * (_SEQ.value + _TARGET.value)
     return dict(pool=pool, pool_size=nce_pool_size(cfg.loss, _BATCH.value, _ACCUM.value), **times,
-                compile_s=compile_s, first_step_s=first_s, tokens_per_s=tokens / times["median_s"],
-                temp_bytes=_temp_bytes(compiled), first_step={k: float(v) for k, v in metrics.items()})
+                tokens_per_s=tokens / times["median_s"], temp_bytes=_temp_bytes(compiled))
 
 
 def markdown(out: dict) -> str:

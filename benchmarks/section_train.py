@@ -58,21 +58,11 @@ def run_jax(setup: Setup, batch: dict, repeats: int, warmup: int) -> dict:
     rng = jax.random.key(0)
     with setup.context():
         state = jax.device_put(state, state_sh)
-        compile_s, compiled = timing.timed(lambda: fn.lower(state, jax.device_put(batch, batch_sh), rng).compile())
-        box = {"state": state}
-
-        def step():
-            # The state is donated: keep only the newest one.
-            box["state"], metrics = compiled(box["state"], jax.device_put(batch, batch_sh), rng)
-            return jax.block_until_ready((box["state"], metrics))[1]
-
-        first_s, metrics = timing.timed(step)
-        times = timing.repeat(step, repeats=repeats, warmup=warmup)
-    return dict(**times, compile_s=compile_s, first_step_s=first_s, xla_flops_per_step=_xla_flops(compiled),
+        times, compiled = timing.time_train_step(fn, state, batch, batch_sh, rng, repeats=repeats, warmup=warmup)
+    return dict(**times, xla_flops_per_step=_xla_flops(compiled),
                 xla_flops_note="XLA cost_analysis of the compiled step, for comparison with model_flops_per_step: "
                                "it also counts elementwise ops and the projector at every position, and counts "
-                               "a scanned layer stack's loop body once",
-                first_step={k: float(v) for k, v in metrics.items()})
+                               "a scanned layer stack's loop body once")
 
 
 def run_torch(setup: Setup, batch: dict, repeats: int, warmup: int) -> dict:

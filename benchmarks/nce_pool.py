@@ -27,7 +27,8 @@ from rsllm_jax import sharding
 from rsllm_jax.train import step as step_lib
 from rsllm_jax.train.optimizer import make_optimizer
 from rsllm_jax.train.rsllm_setup import build_rsllm
-from rsllm_jax.train.rsllm_step import nce_pool_size, rsllm_objective
+from rsllm_jax.train.nce_pool import nce_pool_size
+from rsllm_jax.train.rsllm_step import rsllm_objective
 
 _OUT = flags.DEFINE_string("out", "runs/bench_pool", "Directory for nce_pool.json and nce_pool.md")
 _MODEL = flags.DEFINE_string("model", "smollm2", "'smollm2', a .gguf file or a Hugging Face LLaMA checkpoint dir")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from absl import app, flags
 
+from rsllm_jax.train.nce_pool import nce_pool_size
+
 DATASETS = ("movielens", "lastfm", "steam")
 
 
@@ -299,8 +301,7 @@ def infonce_table(results_dir: str, entries: list[Entry]) -> str:
         cfg = _read_json(os.path.join(run_dir, "config.json"))
         train = cfg["train"]
         micro = train["batch_size"] // train["grad_accum_steps"]
-        # train/rsllm_step.nce_pool_size: runs before the option existed pooled per micro-batch.
-        pool = train["batch_size"] if cfg.get("loss", {}).get("nce_pool") == "step" else micro
+        pool = nce_pool_size(cfg.get("loss", {}), train["batch_size"], train["grad_accum_steps"])
         steps = _metrics_log(os.path.join(run_dir, "metrics.jsonl"))
         m = run["metrics"]
         lines.append(f"| {entry.label} | {micro} | {pool} | {math.log(pool):.2f} | {_quarters(steps, 'l_ut')} | "

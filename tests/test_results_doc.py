@@ -159,3 +159,11 @@ def test_infonce_table_against_chance(results):
                                                     loss=dict(nce_pool="step"))))
     lines = results_doc.infonce_table(str(results), entries).splitlines()
     assert lines[2].startswith("| main | 4 | 32 | 3.47 |")
+
+
+def test_results_doc_needs_no_jax():
+    # The tables rebuild on a machine without jax: the pool rule lives in the jax-free train/nce_pool.py.
+    import subprocess
+    import sys
+    code = "import sys; sys.modules['jax'] = None; import rsllm_jax.results_doc"
+    subprocess.run([sys.executable, "-c", code], check=True)

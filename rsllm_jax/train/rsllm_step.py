@@ -17,13 +17,8 @@ import jax.numpy as jnp
 from rsllm_jax import losses
 from rsllm_jax.models.lora import merge_trees
 from rsllm_jax.models.rsllm import RSLLM
+from rsllm_jax.train.nce_pool import nce_pool_name
 from rsllm_jax.train.step import PooledLoss
-
-NCE_POOLS = ("micro_batch", "step")
-
-
-def _use_align(model: RSLLM, loss_cfg) -> bool:
-    return bool(loss_cfg.align_weight and model.config.num_items)
 
 
 def rsllm_local(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
@@ -40,7 +35,7 @@ def rsllm_local(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
     if positions:  # answer tokens past the cap get no NIP loss: visible, never silent
         metrics["answer_tokens_dropped"] = out["loss_tokens_dropped"]
     reps = {k: out[k] for k in ("v_user", "v_target_given_user", "v_target")}
-    if _use_align(model, loss_cfg):
+    if loss_cfg.align_weight and model.config.num_items:
         # ID-text alignment (ours): the projected ID of the target vs the LLM's title-only representation
         # (v_title excludes the slot; v_target would contain the projected ID itself).
         reps["v_id"] = model.apply({"params": params}, batch["target_item"], method=RSLLM.item_id_embedding)
@@ -76,15 +71,7 @@ def rsllm_loss(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
 def rsllm_objective(model: RSLLM, loss_cfg):
     """What train/step.py differentiates: `rsllm_loss` (negatives from one micro-batch) or, with
     loss_cfg.nce_pool == "step", the PooledLoss whose negatives are every row of the step's batch."""
-    pool = getattr(loss_cfg, "nce_pool", "micro_batch")
-    if pool == "micro_batch":
-        return functools.partial(rsllm_loss, model, loss_cfg)
-    if pool == "step":
+    if nce_pool_name(loss_cfg) == "step":
         return PooledLoss(local=functools.partial(rsllm_local, model, loss_cfg),
                           pooled=functools.partial(rsllm_pooled, loss_cfg))
-    raise ValueError(f"config.loss.nce_pool={pool!r}: expected one of {', '.join(NCE_POOLS)}")
-
-
-def nce_pool_size(loss_cfg, batch_size: int, grad_accum_steps: int) -> int:
-    """How many rows each InfoNCE term sees (itself + negatives): chance is ln of this."""
-    return batch_size if getattr(loss_cfg, "nce_pool", "micro_batch") == "step" else batch_size // grad_accum_steps
+    return functools.partial(rsllm_loss, model, loss_cfg)

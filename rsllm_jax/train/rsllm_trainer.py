@@ -42,7 +42,8 @@ from rsllm_jax.train.optimizer import (
     schedule_for,
 )
 from rsllm_jax.train.rsllm_setup import build_rsllm
-from rsllm_jax.train.rsllm_step import nce_pool_size, rsllm_objective
+from rsllm_jax.train.nce_pool import nce_pool_size
+from rsllm_jax.train.rsllm_step import rsllm_objective
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
 
 

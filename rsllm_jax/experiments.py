@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma list of config.seed values, e.g. 0,1,2")
     p.add_argument("--rows", default="", help=f"comma list (default all): {','.join(ROW_BY_NAME)}; "
                                               "the rows they depend on are added")
+    p.add_argument("--seeded_rows", default="",
+                   help="comma list: only these rows (and the rows they depend on) run for every seed in --seeds; "
+                        "the others for the first seed only (default: every row). E.g. the key rows in 3 seeds "
+                        "and the ablations in one: --seeds=0,1,2 --seeded_rows=rsllm")
     p.add_argument("--dry_run", action="store_true", help="print the commands (and what is finished), run nothing")
     p.add_argument("--collect_only", action="store_true", help="only rebuild the results tables from the workdirs")
     p.add_argument("--results_dir", default="results", help="where DATASET.json and DATASET.md go")
@@ -179,6 +183,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown rows {unknown}; rows: {', '.join(ROW_BY_NAME)}")
     opts.row_list = select_rows(wanted)
+    seeded = [r for r in opts.seeded_rows.split(",") if r.strip()]
+    unknown = [r for r in seeded if r not in ROW_BY_NAME]
+    if unknown:
+        parser.error(f"--seeded_rows: unknown rows {unknown}; rows: {', '.join(ROW_BY_NAME)}")
+    opts.seeded_names = {r.name for r in select_rows(seeded)} if seeded else set(ROW_BY_NAME)
     opts.row_flags = {}
     for spec in opts.row_flag:
         name, sep, flag = spec.partition(":")
@@ -271,17 +280,20 @@ def plan_runs(opts) -> list[Run]:
     runs: list[Run] = []
     for i, seed in enumerate(opts.seed_list):
         for row in opts.row_list:
-            if (not row.seeded or reused_dir(opts, row.name)) and i > 0:
+            if i > 0 and not _repeats(opts, row.name):
                 continue
             runs.append(_plan_one(opts, row, seed, lr))
     return runs
 
 
-def _seed_of(opts, row_name: str, seed: int) -> int:
+def _repeats(opts, row_name: str) -> bool:
+    """Whether the row runs for every seed (else only for the first)."""
     row = ROW_BY_NAME[row_name]
-    if not row.seeded or reused_dir(opts, row_name):
-        return opts.seed_list[0]
-    return seed
+    return row.seeded and not reused_dir(opts, row_name) and row_name in getattr(opts, "seeded_names", ROW_BY_NAME)
+
+
+def _seed_of(opts, row_name: str, seed: int) -> int:
+    return seed if _repeats(opts, row_name) else opts.seed_list[0]
 
 
 def _plan_one(opts, row: Row, seed: int, lr) -> Run:

@@ -94,6 +94,27 @@ def test_dry_run_commands_overrides_and_dependencies(tmp_path, capsys):
     assert not (tmp_path / "exp").exists()
 
 
+def test_seeded_rows_repeat_only_the_key_rows(tmp_path):
+    root = str(tmp_path / "exp")
+    opts = ex.parse_args(["--dataset=movielens", f"--root={root}", "--seeds=0,1,2", "--seeded_rows=rsllm"])
+    runs = {r.key: r for r in ex.plan_runs(opts)}
+    # rsllm and what it depends on in every seed; every other row (and the seed-free zero-shot) once.
+    repeated = {f"{name}-s{s}" for name in ("sasrec", "text_ft", "rsllm") for s in (0, 1, 2)}
+    once = {f"{r.name}-s0" for r in ex.ROWS if r.name not in ("sasrec", "text_ft", "rsllm")}
+    assert set(runs) == repeated | once
+    for s in (1, 2):  # a repeated row reads its own seed's stage 0 and stage 1
+        f = _flags(runs[f"rsllm-s{s}"].command)
+        assert f["--config.seed"] == str(s)
+        assert f["--config.stage2.sasrec_dir"] == os.path.join(root, "movielens", f"sasrec-s{s}")
+        assert f["--config.stage2.stage1_dir"] == os.path.join(root, "movielens", f"text_ft-s{s}")
+    assert runs["no_ut-s0"].deps == ["sasrec-s0", "text_ft-s0"]
+    # Without the flag every seeded row repeats (the earlier behaviour).
+    plain = ex.plan_runs(ex.parse_args(["--dataset=movielens", f"--root={root}", "--seeds=0,1,2"]))
+    assert len(plain) == 3 * (len(ex.ROWS) - 1) + 1
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--dataset=movielens", "--seeds=0,1", "--seeded_rows=rsllm,nope"])
+
+
 def test_likelihood_runs_follow_each_llm_row(tmp_path):
     root = str(tmp_path / "exp")
     opts = ex.parse_args(["--dataset=lastfm", f"--root={root}", "--rows=zero_shot,rsllm", "--likelihood", "--",

@@ -33,6 +33,12 @@ class Entry:
     logs: str  # where the run's metrics.jsonl was copied (<logs>/<row>-s0/), relative to results_dir
 
 
+def _entry_run(results_dir: str, entry: Entry) -> dict | None:
+    """The entry's finished seed-0 run (the comparisons' logs are seed 0's), or None."""
+    return next((e for e in _finished_runs(os.path.join(results_dir, entry.results))
+                 if e["row"] == entry.row and e.get("seed", 0) == 0), None)
+
+
 def _main(ds: str, row: str, label: str) -> Entry:
     return Entry(label, row, f"{ds}.json", f"logs/{ds}")
 
@@ -142,14 +148,23 @@ def overview_table(results_dir: str) -> str | None:
     return md[md.index("| row |"):].rstrip() if "| row |" in md else None
 
 
+def _labels(runs: list[dict]) -> list[str]:
+    """`row`, or `row` sSEED where the row has several finished seeds."""
+    seeds: dict[str, set] = {}
+    for e in runs:
+        seeds.setdefault(e["row"], set()).add(e.get("seed", 0))
+    return [f"`{e['row']}`" + (f" s{e.get('seed', 0)}" if len(seeds[e["row"]]) > 1 else "") for e in runs]
+
+
 def likelihood_table(results_dir: str) -> str:
     lines = ["| dataset | row | LL HR@1 | hits | LL HR@1, summed log-likelihood | mean rank of the target (of 20) | "
              "copy + choice nats |", "|---|---|---|---|---|---|---|"]
     for ds in DATASETS:
-        for e in _finished_runs(os.path.join(results_dir, f"{ds}.json")):
+        runs = _finished_runs(os.path.join(results_dir, f"{ds}.json"))
+        for e, label in zip(runs, _labels(runs)):
             m = e.get("metrics") or {}
             if m.get("likelihood_hr1") is not None:
-                lines.append(f"| {ds} | `{e['row']}` | {m['likelihood_hr1']:.3f} | {round(m['likelihood_hr1'] * m['n'])} / "
+                lines.append(f"| {ds} | {label} | {m['likelihood_hr1']:.3f} | {round(m['likelihood_hr1'] * m['n'])} / "
                              f"{m['n']} | {m['likelihood_sum_hr1']:.3f} | {m['likelihood_mean_rank']:.2f} | "
                              f"{_copy_choice(m)} |")
     return "\n".join(lines)
@@ -159,11 +174,64 @@ def nip_table(results_dir: str) -> str:
     lines = ["| dataset | run | answer tokens | NIP per answer at step 1 | NIP per answer, last quarter of the steps "
              "| above the copy floor (ln 20 = 3.00) |", "|---|---|---|---|---|---|"]
     for ds in DATASETS:
-        for e in _finished_runs(os.path.join(results_dir, f"{ds}.json")):
+        runs = _finished_runs(os.path.join(results_dir, f"{ds}.json"))
+        for e, label in zip(runs, _labels(runs)):
             n = e.get("nip_per_answer")
             if n:
-                lines.append(f"| {ds} | `{e['row']}` | {n['tokens_per_answer']:.1f} | {n['first']:.2f} | {n['last']:.2f} | "
+                lines.append(f"| {ds} | {label} | {n['tokens_per_answer']:.1f} | {n['first']:.2f} | {n['last']:.2f} | "
                              f"+{n['last'] - n['copy_floor']:.2f} |")
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float], digits: int = 3) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "—"
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# The goal's comparisons, seed by seed: the first row against each of the others.
+SEED_DIFFS = (("rsllm", "text_ft"), ("rsllm", "sasrec"))
+
+
+def seeds_table(results_dir: str) -> str | None:
+    """Every row with several finished seeds: accuracy (hits) per seed, then mean ± sample std of accuracy,
+    ValidRatio, 2T HR@1 and LL HR@1; then, per seed, the hit difference of the goal's comparisons (SEED_DIFFS)."""
+    blocks = []
+    for ds in DATASETS:
+        runs = _finished_runs(os.path.join(results_dir, f"{ds}.json"))
+        by_row: dict[str, dict[int, dict]] = {}
+        for e in runs:
+            by_row.setdefault(e["row"], {})[e.get("seed", 0)] = e
+        blocks += [(ds, row, seeds) for row, seeds in by_row.items() if len(seeds) > 1]
+    if not blocks:
+        return None
+    all_seeds = sorted({s for _, _, seeds in blocks for s in seeds})
+    lines = ["| dataset | row | " + " | ".join(f"seed {s}: accuracy (hits)" for s in all_seeds)
+             + " | accuracy | ValidRatio | 2T HR@1 | LL HR@1 |", "|---|---|" + "---|" * (len(all_seeds) + 4)]
+
+    def hits(e):
+        return round(e["metrics"]["accuracy"] * e["metrics"]["n"])
+
+    for ds, row, seeds in blocks:
+        cells = [f"{seeds[s]['metrics']['accuracy']:.3f} ({hits(seeds[s])})" if s in seeds else "—" for s in all_seeds]
+        stats = [_mean_std([e["metrics"].get(k) for e in seeds.values()])
+                 for k in ("accuracy", "valid_ratio", "two_tower_hr1", "likelihood_hr1")]
+        lines.append(f"| {ds} | `{row}` | " + " | ".join(cells + stats) + " |")
+    for ds in dict.fromkeys(ds for ds, _, _ in blocks):
+        rows = {row: seeds for d, row, seeds in blocks if d == ds}
+        for a, b in SEED_DIFFS:
+            if a not in rows or b not in rows:
+                continue
+            both = [s for s in all_seeds if s in rows[a] and s in rows[b]]
+            diffs = {s: hits(rows[a][s]) - hits(rows[b][s]) for s in both}
+            cells = [f"{diffs[s]:+d} hits" if s in diffs else "—" for s in all_seeds]
+            mean = _mean_std([diffs[s] / rows[a][s]["metrics"]["n"] for s in both])
+            lines.append(f"| {ds} | `{a}` − `{b}` | " + " | ".join(cells) + f" | {mean} | | | |")
     return "\n".join(lines)
 
 
@@ -191,7 +259,7 @@ def comparison_table(results_dir: str, entries: list[Entry]) -> str:
              "projector / LoRA norm first / max / last |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for entry in entries:
-        run = next((e for e in _finished_runs(os.path.join(results_dir, entry.results)) if e["row"] == entry.row), None)
+        run = _entry_run(results_dir, entry)
         if run is None:
             lines.append(f"| {entry.label} | not run yet | | | | | | | | |")
             continue
@@ -247,7 +315,7 @@ def comparison_figure(results_dir: str, entries: list[Entry], out: str) -> str |
     """One panel per row (stage), one line per entry; None when no entry has finished."""
     panels: dict[str, list[tuple[str, list, float]]] = {}
     for entry in entries:
-        run = next((e for e in _finished_runs(os.path.join(results_dir, entry.results)) if e["row"] == entry.row), None)
+        run = _entry_run(results_dir, entry)
         curve = nip_by_windows(run) if run else []
         if curve:
             panels.setdefault(entry.row, []).append((entry.label, curve, run["nip_per_answer"]["copy_floor"]))
@@ -293,7 +361,7 @@ def infonce_table(results_dir: str, entries: list[Entry]) -> str:
     lines = ["| run | micro-batch | InfoNCE pool | chance ln(pool) | L_UT first -> last quarter "
              "| L_TT first -> last quarter | 2T HR@1 | hits |", "|---|---|---|---|---|---|---|---|"]
     for entry in entries:
-        run = next((e for e in _finished_runs(os.path.join(results_dir, entry.results)) if e["row"] == entry.row), None)
+        run = _entry_run(results_dir, entry)
         run_dir = os.path.join(results_dir, entry.logs, f"{entry.row}-s0")
         if run is None or not os.path.exists(os.path.join(run_dir, "config.json")):
             lines.append(f"| {entry.label} | not run yet | | | | | | |")
@@ -319,13 +387,19 @@ def table(results_dir: str, name: str) -> str | None:
         return likelihood_table(results_dir)
     if name == "nip-table":
         return nip_table(results_dir)
+    if name == "seeds-table":
+        return seeds_table(results_dir)
     if name in COMPARISONS:
         return comparison_table(results_dir, COMPARISONS[name])
     if name in STEP_TABLES:
         return steps_table(results_dir, STEP_TABLES[name])
     if name in INFONCE_TABLES:
         return infonce_table(results_dir, INFONCE_TABLES[name])
-    raise KeyError(name)
+    raise UnknownTable(name)
+
+
+class UnknownTable(KeyError):
+    """A marker names no table this module builds (a KeyError inside a table builder is a bug, not this)."""
 
 
 def splice(doc: str, results_dir: str, doc_path: str = "doc") -> tuple[str, list[str]]:
@@ -346,9 +420,9 @@ def splice(doc: str, results_dir: str, doc_path: str = "doc") -> tuple[str, list
             raise ValueError(f"{doc_path}:{i + 1}: <!-- {name} --> is never closed (add <!-- /{name} -->)")
         try:
             block = table(results_dir, name)
-        except KeyError:
+        except UnknownTable:
             raise ValueError(f"{doc_path}:{i + 1}: unknown table <!-- {name} --> (known: table:<dataset>, overview, "
-                             f"ll-table, nip-table, {', '.join([*COMPARISONS, *STEP_TABLES, *INFONCE_TABLES])})") from None
+                             f"ll-table, nip-table, seeds-table, {', '.join([*COMPARISONS, *STEP_TABLES, *INFONCE_TABLES])})") from None
         old = lines[i + 1:end]
         new = old if block is None else block.split("\n")
         if new != old:

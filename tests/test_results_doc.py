@@ -161,9 +161,48 @@ def test_infonce_table_against_chance(results):
     assert lines[2].startswith("| main | 4 | 32 | 3.47 |")
 
 
+def _ll(hits, n=95):
+    return dict(likelihood_hr1=hits / n, likelihood_mean_rank=10.0, likelihood_sum_hr1=hits / n)
+
+
+def test_seeds_table_and_seed_labels(results):
+    assert results_doc.seeds_table(str(results)) is None  # one seed per row: nothing to average
+    runs = [dict(_run("sasrec", 1.0, 32, 95), seed=0), dict(_run("sasrec", 1.0, 30, 95), seed=1),
+            dict(_run("text_ft", 0.7, 7, 95, **_ll(5)), seed=0), dict(_run("text_ft", 0.8, 9, 95, **_ll(6)), seed=1),
+            dict(_run("rsllm", 0.9, 12, 95, **_ll(4)), seed=1), dict(_run("rsllm", 0.6, 5, 95, **_ll(7)), seed=0),
+            dict(_run("no_ut", 0.6, 6, 95), seed=0)]
+    for r in runs[:2]:
+        r["metrics"].update(valid_ratio=None, hit_ratio_at_1=r["metrics"]["accuracy"], two_tower_hr1=None)
+    _write(results / "movielens.json", json.dumps(dict(summary={}, runs=runs)))
+    lines = results_doc.seeds_table(str(results)).splitlines()
+    assert lines[0] == ("| dataset | row | seed 0: accuracy (hits) | seed 1: accuracy (hits) | accuracy | ValidRatio "
+                        "| 2T HR@1 | LL HR@1 |")
+    rows = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert set(rows) == {"`sasrec`", "`text_ft`", "`rsllm`", "`rsllm` − `text_ft`", "`rsllm` − `sasrec`"}  # not no_ut
+    assert rows["`sasrec`"] == "| movielens | `sasrec` | 0.337 (32) | 0.316 (30) | 0.326 ± 0.015 | — | — | — |"
+    assert rows["`rsllm`"] == ("| movielens | `rsllm` | 0.053 (5) | 0.126 (12) | 0.089 ± 0.052 | 0.750 ± 0.212 "
+                               "| 0.050 ± 0.000 | 0.058 ± 0.022 |")
+    assert rows["`rsllm` − `text_ft`"].startswith("| movielens | `rsllm` − `text_ft` | -2 hits | +3 hits | 0.005 ± 0.037 |")
+    assert rows["`rsllm` − `sasrec`"].startswith("| movielens | `rsllm` − `sasrec` | -27 hits | -18 hits |")
+    # The per-run tables name the seed where a row has several; the comparisons read seed 0.
+    doc, _ = results_doc.splice(DOC, str(results))
+    assert "| movielens | `rsllm` s1 | 0.042 | 4 / 95 |" in _block(doc, "ll-table")
+    rows = {line.split(" | ")[0][2:]: line for line in _block(doc, "clip-table").splitlines()[2:]}
+    assert "| 0.600 | 5 / 95 |" in rows["movielens, global (main table)"]
+
+
 def test_results_doc_needs_no_jax():
     # The tables rebuild on a machine without jax: the pool rule lives in the jax-free train/nce_pool.py.
     import subprocess
     import sys
     code = "import sys; sys.modules['jax'] = None; import rsllm_jax.results_doc"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_bug_inside_a_table_is_not_reported_as_an_unknown_marker(results):
+    # A likelihood result without its summed-likelihood field: the builder's KeyError surfaces as itself.
+    data = json.loads((results / "movielens.json").read_text())
+    del data["runs"][0]["metrics"]["likelihood_sum_hr1"]
+    (results / "movielens.json").write_text(json.dumps(data))
+    with pytest.raises(KeyError, match="likelihood_sum_hr1"):
+        results_doc.splice(DOC, str(results))

@@ -289,7 +289,7 @@ def plan_runs(opts) -> list[Run]:
 def _repeats(opts, row_name: str) -> bool:
     """Whether the row runs for every seed (else only for the first)."""
     row = ROW_BY_NAME[row_name]
-    return row.seeded and not reused_dir(opts, row_name) and row_name in getattr(opts, "seeded_names", ROW_BY_NAME)
+    return row.seeded and not reused_dir(opts, row_name) and row_name in opts.seeded_names
 
 
 def _seed_of(opts, row_name: str, seed: int) -> int:

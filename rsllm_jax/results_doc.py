@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from absl import app, flags
 
+from rsllm_jax.experiments import _mean_std as _stats
+from rsllm_jax.overview import _cell
 from rsllm_jax.train.nce_pool import nce_pool_size
 
 DATASETS = ("movielens", "lastfm", "steam")
@@ -183,15 +185,9 @@ def nip_table(results_dir: str) -> str:
     return "\n".join(lines)
 
 
-def _mean_std(values: list[float], digits: int = 3) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "—"
-    mean = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return f"{mean:.{digits}f}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+def _mean_std(values: list) -> str:
+    """mean ± sample std of the numbers among `values` (the driver's statistic, the overview's format)."""
+    return _cell(_stats(values))
 
 
 # The goal's comparisons, seed by seed: the first row against each of the others.

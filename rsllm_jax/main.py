@@ -100,12 +100,13 @@ def main(argv) -> None:
         from rsllm_jax.train.sasrec_trainer import train_sasrec
 
         results = train_sasrec(cfg, workdir)
-        print(json.dumps({"val": results["val"], "test": results["test"], "wall_time_s": results["wall_time_s"]}, indent=2))
+        print(json.dumps({k: results[k] for k in ("eval_rows", "val", "test", "wall_time_s")}, indent=2))
     elif cfg.stage in ("stage1", "stage2"):
         from rsllm_jax.train.rsllm_trainer import run_stage
 
         results = run_stage(cfg, workdir)
-        print(json.dumps({k: results[k] for k in ("val", "test", "wall_time_s", "train_samples", "interrupted_at")
+        print(json.dumps({k: results[k] for k in ("eval_rows", "val", "test", "wall_time_s", "train_samples",
+                                                  "interrupted_at")
                           if k in results}, indent=2))
     elif cfg.stage == "eval":
         from rsllm_jax.train.rsllm_trainer import run_eval

@@ -34,3 +34,11 @@ def data_dir():
 def split_cache_dir(tmp_path_factory):
     """One processed-split cache shared by the whole test session (building splits is the slow part)."""
     return tmp_path_factory.mktemp("split_cache")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that reads the real datasets (directly or through a fixture), so CI can run them
+    on their own: `pytest tests -m real_data` with RSLLM_DATA_DIR set."""
+    for item in items:
+        if "data_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)

@@ -221,8 +221,66 @@ def test_official_split_bad_inputs(tmp_path):
     (root / "llara_ref" / "steam" / "Test_data.jsonl").unlink()
     with pytest.raises(DataError, match="Test_data"):
         splits.load_split("steam", data_dir=str(root), cache_dir=str(tmp_path / "c"))
-    with pytest.raises(DataError, match="needs the data root"):
+    with pytest.raises(DataError, match=r"needs files that no package ships: llara_ref/steam/"):
         splits.load_split("steam", data_dir=str(tmp_path / "absent"), cache_dir=str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("dataset,needs", [
+    ("lastfm", "llara_ref/lastfm/{train_data,Val_data,Test_data}"),
+    ("lastfm_raw", "hetrec2011-lastfm-2k/{artists.dat"),
+    ("steam", "llara_ref/steam/{Val_data,Test_data}")])
+def test_no_data_dir_names_the_files_to_add(dataset, needs, tmp_path, monkeypatch):
+    monkeypatch.delenv("RSLLM_DATA_DIR", raising=False)
+    with pytest.raises(DataError) as e:
+        splits.load_split(dataset, cache_dir=str(tmp_path))
+    msg = str(e.value)
+    assert needs in msg and ("huggingface.co" in msg or "grouplens.org" in msg)
+    assert "$RSLLM_DATA_DIR" in msg and e.value.field == "data_dir"
+
+
+# ---- MovieLens without LLaRA's files ----------------------------------------------------------
+
+def test_llara_movielens_user_ids_are_the_released_rows_users(real_split):
+    """The committed user ids are exactly the users the released rows match, in row order."""
+    s = real_split("movielens")
+    users = splits.read_llara_movielens_users()
+    assert users == {"val": [int(r["user"]) for r in s.val], "test": [int(r["user"]) for r in s.test]}
+    assert s.manifest["eval_rows"] == "llara_released"
+
+
+def test_movielens_rebuilt_without_llara_ref_equals_released(real_split, data_dir, tmp_path, monkeypatch):
+    """With ml-100k but no llara_ref/, the whole split (titles, train, val/test and their frozen
+    candidates) is identical to the one built from LLaRA's released files."""
+    monkeypatch.delenv("RSLLM_DATA_DIR", raising=False)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "ml-100k").symlink_to(data_dir / "ml-100k")
+    rebuilt = splits.load_split("movielens", data_dir=str(root), cache_dir=str(tmp_path / "cache"))
+    released = real_split("movielens")
+    assert rebuilt.manifest["eval_rows"] == "llara_rebuilt"
+    assert "eval_users" in rebuilt.manifest["sources"] and "val" not in rebuilt.manifest["sources"]
+    for name in ("titles", "train", "val", "test"):
+        assert getattr(rebuilt, name) == getattr(released, name), name
+    # A shorter history setting cuts the rebuilt rows like the released ones.
+    short = {k: splits.load_split("movielens", data_dir=str(d), cache_dir=str(tmp_path / k), max_history=5)
+             for k, d in (("rebuilt", root), ("released", data_dir))}
+    assert short["rebuilt"].test == short["released"].test
+
+
+def test_movielens_rebuilt_rejects_a_user_without_a_window(tmp_path, monkeypatch):
+    monkeypatch.delenv("RSLLM_DATA_DIR", raising=False)
+    ml = tmp_path / "data" / "ml-100k"
+    ml.mkdir(parents=True)
+    users = splits.read_llara_movielens_users()
+    # Every listed user rates item 1 and 2 (a window), except the first test user.
+    lines = [f"{u}\t{i}\t4\t{100 + i}" for u in users["val"] + users["test"][1:] for i in (1, 2)]
+    (ml / "u.data").write_text("\n".join(lines) + "\n")
+    (ml / "u.item").write_bytes(b"1|Heat (1995)|x\n2|Casino (1995)|x\n")
+    with pytest.raises(DataError) as e:
+        splits.load_split("movielens", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "c"),
+                          num_candidates=1)
+    assert f"ml-100k user {users['test'][0]} of LLaRA's test rows" in str(e.value)
+    assert e.value.path.endswith("llara_movielens_users.json") and e.value.field == "test"
 
 
 # ---- cache ---------------------------------------------------------------------------------

@@ -221,9 +221,17 @@ def read_recbole_ratings(path: PathLike) -> pd.DataFrame:
     return out
 
 
+# Where RecBole's ml-100k.item (UTF-8, years removed) differs from u.item after title cleaning:
+# movieID -> u.item's cleaned title. With these the two copies give identical titles (tested).
+RECBOLE_TITLE_FIXES = {
+    267: "unknown",  # RecBole: "unkonwn"
+    1412: "Land Before Time III: The Time of the Great Giving (1995) (V)",  # RecBole dropped "(1995) (V)"
+}
+
+
 def read_recbole_items(path: PathLike) -> list[str]:
-    """RecBole `ml-100k.item`: cleaned titles (no year in this copy) indexed by 0-based item id."""
-    text = _read_text(path, "RecBole ml-100k.item", encoding="latin-1")
+    """RecBole `ml-100k.item`: cleaned titles indexed by 0-based item id, equal to u.item's."""
+    text = _read_text(path, "RecBole ml-100k.item", encoding="utf-8")
     cols = ("item_id:token", "movie_title:token_seq")
     df, lines = _parse_table(path, text, sep="\t", columns=cols, header=True)
     ids = _to_int(df, cols[0], lines, path)
@@ -231,7 +239,9 @@ def read_recbole_items(path: PathLike) -> list[str]:
     if not np.array_equal(ids[order], np.arange(1, len(ids) + 1)):
         raise DataError("item ids are not exactly 1..n", path=path, field=cols[0],
                         hint="use the file shipped in recbole==1.2.1")
-    return [clean_movielens_title(df[cols[1]].iloc[i]) for i in order]
+    # order[k] is the row of movieID k + 1
+    return [RECBOLE_TITLE_FIXES.get(k + 1) or clean_movielens_title(df[cols[1]].iloc[i])
+            for k, i in enumerate(order)]
 
 
 def fetch_grouplens_ml100k(cache_dir: PathLike, timeout: float = 5.0) -> pathlib.Path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -41,6 +42,15 @@ from rsllm_jax.data.errors import DataError
 
 PROTOCOL_VERSION = 1
 DATASETS = ("movielens", "lastfm", "lastfm_raw", "steam", "custom")
+# What each dataset needs under the data root when no package ships it, and where it is published.
+_HETREC = "hetrec2011-lastfm-2k/{artists.dat,user_taggedartists-timestamps.dat} (grouplens.org/datasets/hetrec-2011)"
+_LLARA = "huggingface.co/datasets/joyliao7777/LLaRA"
+NEEDS_DATA = {
+    "lastfm": f"llara_ref/lastfm/{{train_data,Val_data,Test_data}}.df (or .jsonl) and id2name.txt ({_LLARA}/lastfm)",
+    "lastfm_raw": _HETREC,
+    "steam": f"llara_ref/steam/{{Val_data,Test_data}}.df (or .jsonl), id2name.txt and train_data.sample1000.df "
+             f"(a 1,000-row sample of train_data.df, {_LLARA}/steam)",
+}
 MOVIELENS_MIN_RATING = 3  # LLaRA keeps ratings >= 3 (verified: the released rows contain no 1s or 2s)
 LLARA_MAX_HISTORY = 10
 
@@ -238,6 +248,9 @@ class _Parts:
 class _Plan:
     sources: dict[str, pathlib.Path]  # name -> file; their sha256s key the cache
     build: Callable[[np.random.Generator], _Parts]  # gets the user-split rng
+    # Where the val/test rows come from: llara_released (LLaRA's files), llara_rebuilt (LLaRA's rows
+    # rebuilt from raw data and their user ids), generic (the generic protocol's own user split).
+    eval_rows: str = "generic"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,15 +268,39 @@ def _official_record(user: str, row: dict, p: _Protocol) -> dict:
     return _record(user, row["history"][-p.max_history:], row["target"])
 
 
+LLARA_MOVIELENS_USERS = pathlib.Path(__file__).with_name("llara_movielens_users.json")
+
+
+def read_llara_movielens_users(path: pathlib.Path = LLARA_MOVIELENS_USERS) -> dict[str, list[int]]:
+    """{'val': [...], 'test': [...]}: the ml-100k user of each of LLaRA's MovieLens rows, in row order."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        return {name: [int(u) for u in obj[name]] for name in ("val", "test")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read LLaRA's MovieLens user ids ({type(e).__name__}: {e})", path=path,
+                        hint="reinstall rsllm_jax (the file ships with the package)") from e
+
+
 def _plan_movielens(data_dir: pathlib.Path | None, downloads: pathlib.Path, p: _Protocol) -> _Plan:
-    if data_dir is None:
-        raise DataError("MovieLens needs LLaRA's released val/test rows (llara_ref/movielens)",
-                        hint="pass --data_dir or set $RSLLM_DATA_DIR to the data root")
+    """LLaRA's val/test rows from `llara_ref/movielens` when it is there ("llara_released"); else the
+    same rows rebuilt from u.data and the 189 user ids that ship with the package ("llara_rebuilt":
+    each released row is the last window of its user, so the rebuild is exact; tested)."""
     src = readers.resolve_movielens_source(data_dir, downloads)
-    ref = data_dir / "llara_ref" / "movielens"
-    sources = {"ratings": src.ratings, "items": src.items,
-               "val": readers.llara_split_path(ref, "Val_data"),
-               "test": readers.llara_split_path(ref, "Test_data")}
+    ref = data_dir / "llara_ref" / "movielens" if data_dir is not None else None
+    released = ref is not None and all(
+        any((ref / f"{stem}{suffix}").is_file() for suffix in (".jsonl", ".df")) for stem in ("Val_data", "Test_data"))
+    sources = {"ratings": src.ratings, "items": src.items}
+    if released:
+        sources |= {"val": readers.llara_split_path(ref, "Val_data"),
+                    "test": readers.llara_split_path(ref, "Test_data")}
+        eval_rows = "llara_released"
+    else:
+        sources["eval_users"] = LLARA_MOVIELENS_USERS
+        eval_rows = "llara_rebuilt"
+        logging.warning(
+            "MovieLens val/test: no llara_ref/movielens under %s; rebuilding LLaRA's 94/95 rows from u.data and "
+            "their user ids (%s), identical to the released rows", data_dir or "$RSLLM_DATA_DIR (unset)",
+            LLARA_MOVIELENS_USERS.name)
 
     def build(rng: np.random.Generator) -> _Parts:
         del rng  # the user split is LLaRA's
@@ -283,35 +320,9 @@ def _plan_movielens(data_dir: pathlib.Path | None, downloads: pathlib.Path, p: _
             order = legacy_quicksort_argsort(g["timestamp"].to_numpy())
             sequences[int(user)] = g["item"].to_numpy()[order].tolist()
             ratings_of[int(user)] = dict(zip(g["item"].tolist(), g["rating"].tolist()))
-        last = collections.defaultdict(list)
-        for user, seq in sequences.items():
-            if len(seq) >= 2:
-                last[_last_window(seq, LLARA_MAX_HISTORY)].append(user)
-
-        eval_users: dict[int, str] = {}
-        split_records = {}
-        for name in ("val", "test"):
-            rows = readers.read_llara_rows(sources[name], pad_id=len(titles))
-            recs = []
-            for row in rows:
-                users = last[(tuple(row["history"]), row["target"])]
-                if len(users) != 1:
-                    raise DataError(
-                        f"row matches the last window of {len(users)} ml-100k users (expected 1)",
-                        path=sources[name], line=row["line"], field="seq",
-                        hint="use the ml-100k copy with u.data sha256 "
-                        f"{readers.ML100K_UDATA_SHA256[:12]}...")
-                user = users[0]
-                got = [ratings_of[user][i] for i in row["history"] + [row["target"]]]
-                if got != row["history_ratings"] + [row["target_rating"]]:
-                    raise DataError(f"ratings differ from u.data user {user}", path=sources[name],
-                                    line=row["line"], field="seq")
-                if user in eval_users:
-                    raise DataError(f"user {user} is already in {eval_users[user]}",
-                                    path=sources[name], line=row["line"], field="seq")
-                eval_users[user] = name
-                recs.append(_official_record(str(user), row, p))
-            split_records[name] = recs
+        split_records = (_movielens_released(sources, sequences, ratings_of, len(titles), p) if released
+                         else _movielens_rebuilt(sources["eval_users"], sequences, p))
+        eval_users = {int(r["user"]) for name in ("val", "test") for r in split_records[name]}
 
         train, dropped, no_window = [], 0, 0
         for user, seq in sequences.items():
@@ -322,6 +333,9 @@ def _plan_movielens(data_dir: pathlib.Path | None, downloads: pathlib.Path, p: _
             no_window += not windows
             train.extend(_record(str(user), h, t) for h, t in windows)
         n_train_users = len(sequences) - len(eval_users)
+        how = ("val/test = LLaRA's released rows; each is the last window of exactly one ml-100k user" if released
+               else "val/test = LLaRA's rows rebuilt from u.data: the last window of each of their 189 ml-100k "
+                    "users (llara_movielens_users.json); no llara_ref/ was given")
         return _Parts(
             titles, train, split_records["val"], split_records["test"],
             filtered={
@@ -334,12 +348,66 @@ def _plan_movielens(data_dir: pathlib.Path | None, downloads: pathlib.Path, p: _
                 f"ratings < {MOVIELENS_MIN_RATING} removed (LLaRA keeps positive feedback only)",
                 "per-user order: numpy legacy introsort by timestamp over u.data row order "
                 "(reproduces all LLaRA val/test rows; ties are an artefact of that sort)",
-                "val/test = LLaRA's released rows; each is the last window of exactly one ml-100k user",
+                how,
             ],
             info={"movielens_source": src.kind, "user_ids": "ml-100k user ids",
                   "train_users": n_train_users})
 
-    return _Plan(sources, build)
+    return _Plan(sources, build, eval_rows)
+
+
+def _movielens_released(sources: dict, sequences: dict[int, list[int]], ratings_of: dict[int, dict[int, int]],
+                        num_items: int, p: _Protocol) -> dict[str, list[dict]]:
+    """LLaRA's released rows, each matched (and checked) against the last window of one ml-100k user."""
+    last = collections.defaultdict(list)
+    for user, seq in sequences.items():
+        if len(seq) >= 2:
+            last[_last_window(seq, LLARA_MAX_HISTORY)].append(user)
+    eval_users: dict[int, str] = {}
+    split_records = {}
+    for name in ("val", "test"):
+        rows = readers.read_llara_rows(sources[name], pad_id=num_items)
+        recs = []
+        for row in rows:
+            users = last[(tuple(row["history"]), row["target"])]
+            if len(users) != 1:
+                raise DataError(
+                    f"row matches the last window of {len(users)} ml-100k users (expected 1)",
+                    path=sources[name], line=row["line"], field="seq",
+                    hint="use the ml-100k copy with u.data sha256 "
+                    f"{readers.ML100K_UDATA_SHA256[:12]}...")
+            user = users[0]
+            got = [ratings_of[user][i] for i in row["history"] + [row["target"]]]
+            if got != row["history_ratings"] + [row["target_rating"]]:
+                raise DataError(f"ratings differ from u.data user {user}", path=sources[name],
+                                line=row["line"], field="seq")
+            if user in eval_users:
+                raise DataError(f"user {user} is already in {eval_users[user]}",
+                                path=sources[name], line=row["line"], field="seq")
+            eval_users[user] = name
+            recs.append(_official_record(str(user), row, p))
+        split_records[name] = recs
+    return split_records
+
+
+def _movielens_rebuilt(users_path: pathlib.Path, sequences: dict[int, list[int]],
+                       p: _Protocol) -> dict[str, list[dict]]:
+    """LLaRA's rows without their files: the last (<= 10-item) window of each listed user."""
+    users = read_llara_movielens_users(users_path)
+    split_records = {}
+    for name in ("val", "test"):
+        recs = []
+        for user in users[name]:
+            seq = sequences.get(user)
+            if seq is None or len(seq) < 2:
+                raise DataError(f"ml-100k user {user} of LLaRA's {name} rows has {len(seq or [])} ratings >= "
+                                f"{MOVIELENS_MIN_RATING} (expected a window)", path=users_path, field=name,
+                                hint="use the ml-100k copy with u.data sha256 "
+                                f"{readers.ML100K_UDATA_SHA256[:12]}... (or recbole==1.2.1)")
+            history, target = _last_window(seq, LLARA_MAX_HISTORY)
+            recs.append(_record(str(user), list(history)[-p.max_history:], target))
+        split_records[name] = recs
+    return split_records
 
 
 def recover_lastfm_users(segments: list[list[int]], val_rows: list[dict], test_rows: list[dict],
@@ -459,7 +527,7 @@ def _plan_lastfm(data_dir: pathlib.Path, p: _Protocol) -> _Plan:
                    f"official val/test rows with history < {p.min_history} kept: {short_eval}"],
             info={"user_ids": user_ids, "official_eval_rows_history_lt_min": short_eval})
 
-    return _Plan(sources, build)
+    return _Plan(sources, build, "llara_released")
 
 
 def _plan_steam(data_dir: pathlib.Path, p: _Protocol) -> _Plan:
@@ -511,7 +579,7 @@ def _plan_steam(data_dir: pathlib.Path, p: _Protocol) -> _Plan:
                   "train_from_eval_histories": history_windows,
                   "official_eval_rows_history_lt_min": short_eval})
 
-    return _Plan(sources, build)
+    return _Plan(sources, build, "llara_released")
 
 
 def build_generic(interactions: pd.DataFrame, items: pd.DataFrame, rng: np.random.Generator, *,
@@ -672,8 +740,10 @@ def load_split(dataset: str, *, data_dir: str | None = None, cache_dir: str | No
         plan = _plan_movielens(data_root, root / "_downloads", p)
     else:
         if data_root is None or not data_root.is_dir():
-            raise DataError(f"dataset {dataset!r} needs the data root (got {data_root})",
-                            field="data_dir", hint="pass --data_dir or set $RSLLM_DATA_DIR")
+            raise DataError(f"dataset {dataset!r} needs files that no package ships: {NEEDS_DATA[dataset]}",
+                            path=data_root, field="data_dir",
+                            hint="put them under one directory and pass --config.data.data_dir=DIR or set "
+                                 "$RSLLM_DATA_DIR=DIR (movielens and custom run without it)")
         plan = {"lastfm": _plan_lastfm, "lastfm_raw": _plan_lastfm_raw,
                 "steam": _plan_steam}[dataset](data_root, p)
     for name, path in plan.sources.items():
@@ -690,7 +760,9 @@ def load_split(dataset: str, *, data_dir: str | None = None, cache_dir: str | No
     cached = cache_lib.load_cached(path, fingerprint)
     if cached is not None:
         logging.info("split %s: reusing cache %s", dataset, path)
-        return SplitData(dataset, *cached)
+        split = SplitData(dataset, *cached)
+        split.manifest.setdefault("eval_rows", plan.eval_rows)
+        return split
 
     logging.info("split %s: building into %s", dataset, path)
     split_rng, candidate_rng = (np.random.default_rng(s)
@@ -710,7 +782,7 @@ def load_split(dataset: str, *, data_dir: str | None = None, cache_dir: str | No
         "counts": {"items": len(parts.titles), "train": len(parts.train), "val": len(parts.val),
                    "test": len(parts.test),
                    "train_users": len({r["user"] for r in parts.train})},
-        "filtered": parts.filtered, "notes": parts.notes, **parts.info,
+        "filtered": parts.filtered, "notes": parts.notes, "eval_rows": plan.eval_rows, **parts.info,
     }
     cache_lib.save_cached(path, parts.titles, parts.train, parts.val, parts.test, manifest)
     return SplitData(dataset, parts.titles, parts.train, parts.val, parts.test, manifest)

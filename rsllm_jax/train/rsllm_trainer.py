@@ -274,8 +274,8 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
     ckpts.close()
     params = merge(state)
     item_cache = os.path.join(workdir, f"item_vectors_{params_fingerprint(state.trainable)}.npy")
-    results = dict(stage=stage, dataset=target, best_step=best_step, train_samples=len(records),
-                   train_windows_available=n_all, steps=total_steps)
+    results = dict(stage=stage, dataset=target, eval_rows=splits[target].manifest.get("eval_rows"),
+                   best_step=best_step, train_samples=len(records), train_windows_available=n_all, steps=total_steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for split_name in ("val", "test"):
             recs = getattr(splits[target], split_name)
@@ -322,6 +322,7 @@ def run_eval(cfg, workdir: str, *, llm=None) -> dict:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         metrics = evaluator.run(built.params, getattr(split, cfg.eval.split), split.titles, out_dir=workdir,
                                 name=cfg.eval.split, two_tower=cfg.eval.two_tower, limit=cfg.eval.max_rows)
-    metrics.update(checkpoint=cfg.checkpoint or "(untrained)", dataset=split.dataset, split=cfg.eval.split)
+    metrics.update(checkpoint=cfg.checkpoint or "(untrained)", dataset=split.dataset, split=cfg.eval.split,
+                   eval_rows=split.manifest.get("eval_rows"))
     write_json_atomic(os.path.join(workdir, f"metrics_{cfg.eval.split}.json"), metrics)
     return metrics

@@ -167,7 +167,7 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
         extra = {"test_all_rows": evaluate(model, best_params, split.test, cfg, mesh, eval_fn)} if rows else {}
     ckpts.close()
     results = dict(
-        dataset=split.dataset, best_step=best_step, best_epoch=best_meta.get("epoch"), val=val, test=test, **extra,
+        dataset=split.dataset, eval_rows=split.manifest.get("eval_rows"), best_step=best_step, best_epoch=best_meta.get("epoch"), val=val, test=test, **extra,
         loss=cfg.sasrec.loss, num_items=split.num_items, train_samples=len(split.train),
         wall_time_s=round(time.time() - t_start, 1), train_time_s=round(meta.get("train_time_s", 0.0), 1),
         manifest=split.manifest,

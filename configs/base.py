@@ -60,7 +60,7 @@ def get_config():
     c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     # Parameters that get gradients, as full-match regexes over '/'-joined param paths.
-    c.trainable = (r"llm/.*lora_(a|b)", r"projector/.*", r"added_embeddings/.*")
+    c.trainable = (r"llm/.*lora_(a|b)", r"projector/.*", r"user_projector/.*", r"added_embeddings/.*")
 
     c.prompts = ml_collections.ConfigDict()
     c.prompts.use_ids = True  # Text-ID rendering "<title> [IID]"; False = text-only
@@ -72,12 +72,21 @@ def get_config():
     c.prompts.eval_template = 0  # the fixed template at evaluation
     c.prompts.buckets = (256, 384, 512, 640, 768, 1024)
     c.prompts.target_len = 24  # the target alone: a title + slot (longer titles are cut)
+    # User slot (ours, CoLLM / A-LLMRec-style collaborative user token): "..., profile [UID]" after the
+    # history, where a second projector writes SASRec's state after the history (the vector SASRec scores
+    # items with). The LLM then compares one user vector with the candidates' ID slots.
+    c.prompts.user_slot = False
 
     c.loss = ml_collections.ConfigDict()
     c.loss.weight_tt = 0.1  # a: L_TT = InfoNCE(v_T|U -> v_T)
     c.loss.weight_ut = 0.1  # b: L_UT = InfoNCE(v_U -> v_T)
     c.loss.temperature = 0.05
     c.loss.align_weight = 0.0  # optional ID-text alignment InfoNCE (ours)
+    # Listwise distillation from SASRec (ours, DELRec / knowledge-distillation style): KL from SASRec's
+    # softmax over the window's candidates (logits / distill_temperature) to the LM's distribution over
+    # the candidates' first answer tokens, added with this weight. Twenty graded labels per window.
+    c.loss.weight_distill = 0.0
+    c.loss.distill_temperature = 1.0
     # Whose rows are the InfoNCE negatives. "micro_batch": the other rows of one micro-batch (the spec's
     # in-batch form; with gradient accumulation the pool is batch_size / grad_accum_steps). "step" (ours):
     # every row of the step's batch, through a GradCache pass (one extra forward, same memory), so the

@@ -73,3 +73,26 @@ def combine(nip: jax.Array, l_tt: jax.Array, l_ut: jax.Array, a: float, b: float
     if align is not None:
         total = total + c * align
     return total
+
+
+def candidate_distill(first_logits: jax.Array, cand_tokens: jax.Array, teacher_scores: jax.Array, *,
+                      temperature: float, valid: jax.Array | None = None) -> jax.Array:
+    """Listwise distillation on the first answer token: KL(teacher || student) over the candidates, per row.
+
+    first_logits [B, V]: the LM's logits where it predicts the answer's first token. cand_tokens [B, K]:
+    each candidate answer's first token. teacher_scores [B, K]: the teacher's logits for the candidates
+    (SASRec's), softened by `temperature` and never differentiated. Candidates that share a first token
+    ("The ...") are one outcome for the student, so the teacher's probabilities of such a group are
+    summed: the KL is over the distinct first tokens of each row. Mean over valid rows, in nats.
+    """
+    v = first_logits.shape[-1]
+    s = jnp.take_along_axis(first_logits.astype(jnp.float32), jnp.clip(cand_tokens, 0, v - 1), axis=-1)  # [B, K]
+    same = (cand_tokens[:, :, None] == cand_tokens[:, None, :]).astype(jnp.float32)  # [B, K, K]
+    count = jnp.sum(same, axis=-1)  # candidates sharing each one's first token (>= 1)
+    q = jax.nn.softmax(jax.lax.stop_gradient(teacher_scores.astype(jnp.float32)) / temperature, axis=-1)
+    q_group = jnp.einsum("bkj,bj->bk", same, q)  # the teacher's mass on each candidate's first token
+    # Student over distinct tokens: each token once, i.e. every candidate weighted 1 / count.
+    log_p = s - jax.nn.logsumexp(s - jnp.log(count), axis=-1, keepdims=True)
+    per_row = jnp.sum(q_group / count * (jnp.log(jnp.maximum(q_group, 1e-30)) - log_p), axis=-1)
+    w = jnp.ones(per_row.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
+    return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)

@@ -40,8 +40,9 @@ class TrainExample:
     """
 
     def __init__(self, builders: dict[str, PromptBuilder], *, num_items: dict[str, int], num_candidates: int,
-                 seed: int, batch_size: int, use_ids: bool, curriculum_steps: int = 0):
+                 seed: int, batch_size: int, use_ids: bool, curriculum_steps: int = 0, distill: bool = False):
         self.builders, self.num_items, self.num_candidates = builders, num_items, num_candidates
+        self.distill = distill  # emit the candidates and their answers' first tokens (listwise distillation)
         self.offsets = dict(zip(builders, np.cumsum([0] + [num_items[k] for k in builders])[:-1].tolist()))
         self.seed, self.batch_size = seed, batch_size  # the global batch: index // batch_size = step
         self.use_ids, self.curriculum_steps = use_ids, curriculum_steps
@@ -66,7 +67,20 @@ class TrainExample:
         ex.update(builder.render_target(record["target"], unified))
         ex["target_item"] = np.int32(self.offsets[name] + record["target"])
         ex["valid"] = np.int32(1)
+        add_user_fields(ex, builder, record, cands, self.distill)
         return ex
+
+
+def add_user_fields(ex: dict, builder: PromptBuilder, record: dict, candidates, distill: bool) -> None:
+    """SASRec's user state (user slot, distillation teacher) and the candidates' first answer tokens."""
+    if "user_slot" in ex or distill:
+        if "user_state" not in record:
+            raise ValueError("config.prompts.user_slot / config.loss.weight_distill need SASRec's user state on "
+                             "every record (train/user_states.attach)")
+        ex["user_state"] = np.asarray(record["user_state"], np.float32)
+    if distill:
+        ex["cand_items"] = np.asarray(candidates, np.int32)
+        ex["cand_first_token"] = np.asarray([builder.answer_ids(c)[0] for c in candidates], np.int32)
 
 
 def train_batches(records: Sequence[dict], example: TrainExample, *, global_batch_size: int, seed: int,
@@ -99,6 +113,7 @@ class EvalExample:
         ex["target_item"] = np.int32(record["target"])
         ex["row"] = np.int32(index)
         ex["valid"] = np.int32(1)
+        add_user_fields(ex, self.builder, record, record["candidates"], False)
         return ex
 
 

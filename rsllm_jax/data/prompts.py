@@ -24,6 +24,8 @@ import numpy as np
 
 IID_TOKEN = "[IID]"
 MARKER_TOKEN = "[ITEM]"
+UID_TOKEN = "[UID]"  # the user slot: SASRec's state after the history, projected (config.prompts.user_slot)
+USER_SLOT_TEXT = ", profile"  # written before the user slot, after the last history item
 
 # Three templates per domain, our own wording. {history} and {candidates} are replaced by item lists.
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -56,7 +58,7 @@ DOMAIN_OF_DATASET = {"movielens": "movie", "lastfm": "music", "lastfm_raw": "mus
 
 # Per-example arrays, padded per batch. Fill values for padding.
 PAD_VALUES = dict(input_ids=0, attention_mask=0, slot_items=-1, labels=0, loss_mask=0, history_mask=0,
-                  answer_mask=0)
+                  answer_mask=0, user_slot=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,8 @@ class PromptSettings:
     target_len: int = 24  # the second tower's input (target item alone), padded to this
     use_titles: bool = True  # False = ID slots only in history/candidates (an ablation; answers stay titles)
     chat_template: str = "off"  # on | off | auto (on when the tokenizer has one): wrap as a user turn
+    # One slot after the history holding SASRec's user state (unified prompts only): "..., profile [UID]".
+    user_slot: bool = False
 
 
 _SENTINEL = "\x00RSLLM_PROMPT\x00"
@@ -109,7 +113,9 @@ class PromptBuilder:
         self.settings = settings
         self.iid_id = vocab_size  # ids past the LLM's vocabulary: rows of RSLLM.added_embeddings
         self.marker_id = vocab_size + 1
-        self.num_added_tokens = 2
+        self.num_added_tokens = 2  # rows of RSLLM.added_embeddings
+        # The user slot's id: never looked up (the model writes the projected user state there).
+        self.uid_id = vocab_size + 2
         self.bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
         self.chat = chat_wrapping(tokenizer, settings.chat_template)
         if self.chat and tokenizer.bos_token and self.chat[0].startswith(tokenizer.bos_token):
@@ -157,6 +163,7 @@ class PromptBuilder:
                template: int, use_ids: bool) -> dict[str, np.ndarray]:
         """One example. `target` None -> prompt only (generation); else prompt + answer + labels."""
         ids, slots, hist = list(self.bos), [-1] * len(self.bos), [0] * len(self.bos)
+        user_at = -1
         pieces = list(self.templates[template])
         if self.chat:
             pieces = [(self.chat[0], None)] + pieces + [(self.chat[1], None)]
@@ -167,6 +174,10 @@ class PromptBuilder:
             if field == "history":
                 t, s = self._items(history, use_ids)
                 ids, slots, hist = ids + t, slots + s, hist + [1] * len(t)
+                if use_ids and self.settings.user_slot:
+                    t = self.encode_text(USER_SLOT_TEXT) + [self.uid_id]
+                    ids, slots, hist = ids + t, slots + [-1] * len(t), hist + [1] * len(t)
+                    user_at = len(ids) - 1
             elif field == "candidates":
                 t, s = self._items(candidates, use_ids)
                 ids, slots, hist = ids + t, slots + s, hist + [0] * len(t)
@@ -179,6 +190,8 @@ class PromptBuilder:
             slot_items=np.asarray(slots, np.int32), history_mask=np.asarray(hist, np.int32),
             answer_mask=np.asarray(answer_mask, np.int32),
         )
+        if self.settings.user_slot:
+            out["user_slot"] = (np.arange(len(ids)) == user_at).astype(np.int32)
         # Position t predicts token t+1; the loss counts only predictions of answer tokens.
         out["labels"] = np.append(out["input_ids"][1:], 0).astype(np.int32)
         out["loss_mask"] = np.append(out["answer_mask"][1:], 0).astype(np.int32)

@@ -53,10 +53,12 @@ class Evaluator:
         # An answer may open with a newline; only a newline after some text ends it.
         self.leading_ids = np.asarray(blank_token_ids(tokenizer), np.int32)
         self._item_memo: dict[str, np.ndarray] = {}  # item vectors per cache path, this process
-        self._embed = jax.jit(lambda p, ids, slots: model.apply({"params": p}, ids, slots, method=RSLLM.embed))
+        self._embed = jax.jit(lambda p, ids, slots, user_slot, user_state: model.apply(
+            {"params": p}, ids, slots, user_slot, user_state, method=RSLLM.embed))
         # L2-normalised mean of the last hidden states over `pool_mask` (the towers' vectors).
-        self._pooled = jax.jit(lambda p, ids, mask, slots, pool_mask: losses.l2_normalize(
-            losses.masked_mean_pool(model.apply({"params": p}, ids, mask, slots)[1], pool_mask)))
+        self._pooled = jax.jit(lambda p, ids, mask, slots, pool_mask, user_slot=None, user_state=None: losses.l2_normalize(
+            losses.masked_mean_pool(model.apply({"params": p}, ids, mask, slots, user_slot=user_slot,
+                                                user_state=user_state)[1], pool_mask)))
 
     def _global(self, x) -> jax.Array:
         # Every process holds the whole evaluation batch; each places its rows on its own devices.
@@ -131,7 +133,8 @@ class Evaluator:
             # Filler rows at the end (valid = 0) copy row 0; their index is past the end.
             rows = [records[int(r) if int(r) < len(records) else 0] for r in batch["row"]]
             ids, mask, slots = (self._global(batch[k]) for k in ("input_ids", "attention_mask", "slot_items"))
-            embeds = self._embed(params, ids, slots)
+            user_slot, user_state = (self._global(batch[k]) if k in batch else None for k in ("user_slot", "user_state"))
+            embeds = self._embed(params, ids, slots, user_slot, user_state)
             if self.do_generate:
                 tokens, lengths = generate(llm, llm_params, inputs_embeds=embeds, attention_mask=mask,
                                            max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
@@ -145,7 +148,8 @@ class Evaluator:
                 ll_sum = logp.sum(-1)  # [B, K]
                 ll_mean = ll_sum / cont_mask.sum(-1)
             if two_tower:
-                v_user = sharding.to_host(self._pooled(params, ids, mask, slots, self._global(batch["history_mask"])))
+                v_user = sharding.to_host(self._pooled(params, ids, mask, slots, self._global(batch["history_mask"]),
+                                                       user_slot, user_state))
             for j in np.flatnonzero(valid):
                 rec = rows[j]
                 cand_titles = [titles[c] for c in rec["candidates"]]

@@ -31,6 +31,7 @@ class RSLLMConfig:
     num_added_tokens: int  # ids [llm.vocab_size, llm.vocab_size + n) are ours
     num_items: int = 0  # 0 -> no ID tower (stage 1, text-only)
     rec_dim: int = 64
+    user_slot: bool = False  # a second projector for SASRec's user state (prompts' user slot)
 
 
 class RSLLM(nn.Module):
@@ -49,24 +50,36 @@ class RSLLM(nn.Module):
         if c.num_items:
             self.projector = Projector(c.llm.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
             self.rec = ItemTable(c.num_items, c.rec_dim, param_dtype=self.param_dtype)
+            if c.user_slot:
+                self.user_projector = Projector(c.llm.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def embed(self, input_ids: jax.Array, slot_items: jax.Array | None = None) -> jax.Array:
-        """Hybrid input embeddings [B, T, D]: LLM table, added-token rows, projected item IDs."""
-        vocab = self.config.llm.vocab_size
+    def embed(self, input_ids: jax.Array, slot_items: jax.Array | None = None,
+              user_slot: jax.Array | None = None, user_state: jax.Array | None = None) -> jax.Array:
+        """Hybrid input embeddings [B, T, D]: LLM table, added-token rows, projected item IDs, and (with
+        `config.user_slot`) user_projector(user_state [B, rec_dim]) wherever `user_slot` [B, T] is 1."""
+        c = self.config
+        vocab = c.llm.vocab_size
         is_added = input_ids >= vocab
         x = self.llm.embed(jnp.where(is_added, 0, input_ids))
-        added = self.added_embeddings(jnp.clip(input_ids - vocab, 0, None))
+        # Ids past the stored rows (the user slot's) are always overwritten below.
+        added = self.added_embeddings(jnp.clip(input_ids - vocab, 0, max(c.num_added_tokens, 1) - 1))
         x = jnp.where(is_added[..., None], added.astype(x.dtype), x)
-        if slot_items is not None and self.config.num_items:
+        if slot_items is not None and c.num_items:
             is_slot = slot_items >= 0
             projected = self.projector(self.rec(jnp.where(is_slot, slot_items, 0)))
             x = jnp.where(is_slot[..., None], projected.astype(x.dtype), x)
+        if c.num_items and c.user_slot:
+            # Called even without a user state, so `init` creates the projector's parameters.
+            state = user_state if user_state is not None else jnp.zeros((x.shape[0], c.rec_dim), jnp.float32)
+            user = self.user_projector(state)[:, None, :].astype(x.dtype)
+            if user_slot is not None:
+                x = jnp.where(user_slot[..., None] > 0, user, x)
         return x
 
-    def __call__(self, input_ids, attention_mask, slot_items=None, *, deterministic: bool = True,
-                 compute_logits: bool = True):
+    def __call__(self, input_ids, attention_mask, slot_items=None, *, user_slot=None, user_state=None,
+                 deterministic: bool = True, compute_logits: bool = True):
         """-> (logits [B,T,V] fp32 (None with compute_logits=False), last-layer hidden states [B,T,D])."""
-        x = self.embed(input_ids, slot_items)
+        x = self.embed(input_ids, slot_items, user_slot, user_state)
         return self.llm(inputs_embeds=x, attention_mask=attention_mask, deterministic=deterministic,
                         return_hidden=True, compute_logits=compute_logits)
 
@@ -78,7 +91,8 @@ class RSLLM(nn.Module):
         count of loss tokens beyond the cap. The LM head over every prompt position is the step's
         largest matmul and all but ~5 % of it would be thrown away."""
         slots = batch.get("slot_items")
-        logits, hidden = self(batch["input_ids"], batch["attention_mask"], slots, deterministic=deterministic,
+        logits, hidden = self(batch["input_ids"], batch["attention_mask"], slots, user_slot=batch.get("user_slot"),
+                              user_state=batch.get("user_state"), deterministic=deterministic,
                               compute_logits=not loss_positions)
         out = {}
         if loss_positions:
@@ -103,6 +117,10 @@ class RSLLM(nn.Module):
             v_target=losses.masked_mean_pool(t_hidden, batch["target_attention_mask"]),
             v_title=losses.masked_mean_pool(t_hidden, title_mask),
         )
+
+    def sasrec_scores(self, user_state: jax.Array, items: jax.Array) -> jax.Array:
+        """SASRec's logits user_state [B, d] . item_table[items [B, K]] -> [B, K] (the distillation teacher)."""
+        return jnp.einsum("bd,bkd->bk", user_state.astype(jnp.float32), self.rec(items).astype(jnp.float32))
 
     def item_id_embedding(self, items: jax.Array) -> jax.Array:
         """projector(item_table[items]) — the ID side of the optional ID-text alignment loss."""

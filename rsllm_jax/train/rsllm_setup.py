@@ -69,7 +69,8 @@ def build_rsllm(
         llm_params = jax.tree.map(lambda x: jnp.array(x, copy=True), llm_params)
     rec_dim = 0 if rec_table is None else int(rec_table.shape[1])
     model = RSLLM(
-        RSLLMConfig(llm=llm_config, num_added_tokens=NUM_ADDED_TOKENS, num_items=num_items, rec_dim=rec_dim or 64),
+        RSLLMConfig(llm=llm_config, num_added_tokens=NUM_ADDED_TOKENS, num_items=num_items, rec_dim=rec_dim or 64,
+                    user_slot=bool(num_items) and bool(cfg.prompts.get("user_slot", False))),
         dtype=dtype, param_dtype=param_dtype, lora=lora_config(cfg),
     )
     inputs = dummy_inputs(num_items)

@@ -41,7 +41,23 @@ def rsllm_local(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
         reps["v_id"] = model.apply({"params": params}, batch["target_item"], method=RSLLM.item_id_embedding)
         reps["v_title"] = out["v_title"]
     local = (1.0 - loss_cfg.weight_tt - loss_cfg.weight_ut) * nip
+    distill_weight = float(getattr(loss_cfg, "weight_distill", 0.0) or 0.0)
+    if distill_weight:
+        metrics["distill"] = d = distill_loss(model, loss_cfg, params, out, batch, positions)
+        local = local + distill_weight * d
     return local, reps, metrics
+
+
+def distill_loss(model: RSLLM, loss_cfg, params, out, batch, positions: int):
+    """SASRec's softmax over the window's candidates -> the LM's first answer token (losses.candidate_distill)."""
+    if positions:  # the gathered logits start at the first answer position
+        first = out["logits"][:, 0]
+    else:
+        at = jnp.argmax(batch["loss_mask"], axis=1)
+        first = jnp.take_along_axis(out["logits"], at[:, None, None], axis=1)[:, 0]
+    teacher = model.apply({"params": params}, batch["user_state"], batch["cand_items"], method=RSLLM.sasrec_scores)
+    return losses.candidate_distill(first, batch["cand_first_token"], teacher,
+                                    temperature=loss_cfg.distill_temperature, valid=batch.get("valid"))
 
 
 def rsllm_pooled(loss_cfg, reps, batch):
@@ -64,6 +80,8 @@ def rsllm_loss(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
     # The same sum as local + pooled, in the order earlier runs used (bit-for-bit the same updates).
     total = losses.combine(metrics["nip"], nce["l_tt"], nce["l_ut"], loss_cfg.weight_tt, loss_cfg.weight_ut,
                            nce.get("l_align"), loss_cfg.align_weight)
+    if "distill" in metrics:
+        total = total + loss_cfg.weight_distill * metrics["distill"]
     metrics = dict(metrics, **nce, loss=total)
     return total, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 
 import flax.linen as nn
@@ -44,6 +45,7 @@ from rsllm_jax.train.optimizer import (
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.nce_pool import nce_pool_size
 from rsllm_jax.train.rsllm_step import rsllm_objective
+from rsllm_jax.train import user_states
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
 
 
@@ -55,7 +57,8 @@ def split_for(cfg, dataset: str) -> SplitData:
 def prompt_builder(cfg, tokenizer, split: SplitData, vocab_size: int) -> PromptBuilder:
     settings = PromptSettings(domain=DOMAIN_OF_DATASET.get(split.dataset, "movie"), use_marker=cfg.prompts.use_marker,
                               buckets=tuple(cfg.prompts.buckets), target_len=cfg.prompts.target_len,
-                              chat_template=cfg.prompts.chat_template, use_titles=cfg.prompts.use_titles)
+                              chat_template=cfg.prompts.chat_template, use_titles=cfg.prompts.use_titles,
+                              user_slot=bool(cfg.prompts.user_slot) and bool(cfg.prompts.use_ids))
     return PromptBuilder(tokenizer, split.titles, vocab_size, settings)
 
 
@@ -67,18 +70,25 @@ def subsample(records: list, n: int, seed: int) -> list:
     return [records[i] for i in sorted(idx)]
 
 
+def needs_user_states(cfg) -> bool:
+    """The user slot and the distillation teacher both read SASRec's per-window user state."""
+    return bool(cfg.prompts.user_slot and cfg.prompts.use_ids) or bool(cfg.loss.weight_distill)
+
+
 def _stage_dependencies(cfg, workdir: str):
-    """Stage 2 needs stage 0's item table and stage 1's LoRA; build them if asked and missing."""
+    """Stage 2 needs stage 0's item table (and user states) and stage 1's LoRA; build them if asked and missing."""
     s2 = cfg.stage2
     sasrec_dir = sibling_dir(s2.sasrec_dir, workdir, f"sasrec-{cfg.data.dataset}")
     table_path = os.path.join(sasrec_dir, "item_embeddings.npy")
-    if not os.path.exists(table_path):
+    states_missing = needs_user_states(cfg) and not os.path.exists(os.path.join(sasrec_dir, user_states.FILENAME))
+    if not os.path.exists(table_path) or states_missing:
         if not s2.build_missing:
             raise FileNotFoundError(f"{table_path} not found: run stage 0 (configs/sasrec.py) into "
                                     f"{sasrec_dir} or set config.stage2.sasrec_dir")
         from rsllm_jax.train.sasrec_trainer import train_sasrec
 
-        logging.info("stage 2: no SASRec table at %s; training stage 0 first", table_path)
+        # A finished stage-0 run only re-evaluates and re-exports (the user states of older runs).
+        logging.info("stage 2: no SASRec table / user states in %s; running stage 0 first", sasrec_dir)
         train_sasrec(cfg, sasrec_dir)
     rec_table = np.load(table_path)
 
@@ -97,7 +107,7 @@ def _stage_dependencies(cfg, workdir: str):
                 c1.train.max_train_samples = s2.stage1_train_samples
             run_stage(c1, stage1_dir)
         stage1_params = _restore_trainable(stage1_dir, keep=r"llm/.*lora_(a|b)|added_embeddings/.*")
-    return rec_table, stage1_params
+    return rec_table, stage1_params, sasrec_dir
 
 
 def _restore_trainable(run_dir: str, keep: str | None = None) -> dict:
@@ -143,10 +153,15 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
         rec_table, extra, num_items, use_ids = None, None, 0, False
         target = cfg.data.dataset if cfg.data.dataset in splits else datasets[0]
     elif stage == "stage2":
-        rec_table, extra = _stage_dependencies(cfg, workdir)
+        rec_table, extra, sasrec_dir = _stage_dependencies(cfg, workdir)
         if is_writer():  # the eval stage finds the frozen table next to the checkpoint
             np.save(os.path.join(workdir, "item_embeddings.npy"), rec_table)
         splits = {cfg.data.dataset: split_for(cfg, cfg.data.dataset)}
+        if needs_user_states(cfg):
+            user_states.attach(splits[cfg.data.dataset], sasrec_dir)
+            if is_writer():  # and the user states, for the eval stage
+                shutil.copyfile(os.path.join(sasrec_dir, user_states.FILENAME),
+                                os.path.join(workdir, user_states.FILENAME))
         target = cfg.data.dataset
         num_items, use_ids = splits[target].num_items, bool(cfg.prompts.use_ids)
     else:
@@ -174,6 +189,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
         builders, num_items={n: sp.num_items for n, sp in splits.items()}, num_candidates=cfg.data.num_candidates,
         seed=cfg.seed, batch_size=bs, use_ids=use_ids,
         curriculum_steps=total_steps if (cfg.train.curriculum and use_ids) else 0,
+        distill=bool(cfg.loss.weight_distill) and use_ids,
     )
     data_iter = iter(train_batches(records, example, global_batch_size=bs, seed=cfg.seed,
                                    buckets=cfg.prompts.buckets, worker_count=cfg.data.grain_workers))
@@ -311,6 +327,12 @@ def run_eval(cfg, workdir: str, *, llm=None) -> dict:
         if not found:
             raise FileNotFoundError(f"no SASRec item table at {candidates}: train stage 0 or set config.stage2.sasrec_dir")
         rec_table = np.load(found[0])
+    if not text_only and needs_user_states(cfg):
+        dirs = ([cfg.checkpoint] if cfg.checkpoint else []) + [cfg.stage2.sasrec_dir or f"runs/sasrec-{cfg.data.dataset}"]
+        found = [d for d in dirs if os.path.exists(os.path.join(d, user_states.FILENAME))]
+        if not found:
+            raise FileNotFoundError(f"no {user_states.FILENAME} in {dirs}: run stage 0 or set config.stage2.sasrec_dir")
+        user_states.attach(split, found[0])
     if cfg.checkpoint:
         trained = _restore_trainable(cfg.checkpoint)
     built = build_rsllm(cfg, mesh, num_items=0 if text_only else split.num_items, rec_table=rec_table,

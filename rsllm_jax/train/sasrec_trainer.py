@@ -25,6 +25,7 @@ from rsllm_jax.data import pipeline, sasrec_batches
 from rsllm_jax.data.splits import SplitData, eval_subset, load_split_from_config
 from rsllm_jax.eval import ranking
 from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table, set_item_tables
+from rsllm_jax.train import user_states
 from rsllm_jax.train.sasrec_step import eval_scores, train_step
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
 
@@ -173,6 +174,7 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
         manifest=split.manifest,
     )
     if is_writer():
+        user_states.save(workdir, model, best_params, split)  # stage 2's user slot / distillation teacher
         table = np.asarray(item_table(best_params), dtype=np.float32)
         tmp = os.path.join(workdir, f"item_embeddings.tmp{os.getpid()}.npy")
         np.save(tmp, table)

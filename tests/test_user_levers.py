@@ -1,0 +1,182 @@
+"""The user-learning levers: SASRec's user states, the user slot, listwise distillation from SASRec."""
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from rsllm_jax import losses
+from rsllm_jax.data.prompt_pipeline import EvalExample, TrainExample
+from rsllm_jax.data.prompts import PromptBuilder, PromptSettings, pad_batch
+from rsllm_jax.data.splits import load_split_from_config
+from rsllm_jax.train import user_states
+from tiny_tokenizer import tiny_tokenizer
+
+TITLES = ["Toy Story", "Heat", "Alien", "The Matrix", "Star Wars", "Fargo", "Casablanca", "The Thing"]
+V = 1000
+
+
+# ---- the distillation loss ---------------------------------------------------------------------
+
+def _kl(q, p):
+    return float(np.sum(q * (np.log(q) - np.log(p))))
+
+
+def test_candidate_distill_is_the_kl_over_distinct_first_tokens():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 50)).astype(np.float32)
+    tokens = np.asarray([[3, 7, 9, 11], [3, 7, 3, 20]], np.int32)  # row 1: candidates 0 and 2 share token 3
+    teacher = rng.normal(size=(2, 4)).astype(np.float32)
+    got = float(losses.candidate_distill(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(teacher),
+                                         temperature=0.5))
+    want = []
+    for b in range(2):
+        q = np.exp(teacher[b] / 0.5) / np.exp(teacher[b] / 0.5).sum()
+        groups = {}
+        for k, t in enumerate(tokens[b]):
+            groups[t] = groups.get(t, 0.0) + q[k]
+        distinct = sorted(groups)
+        s = logits[b, distinct]
+        p = np.exp(s) / np.exp(s).sum()
+        want.append(_kl(np.asarray([groups[t] for t in distinct]), p))
+    assert got == pytest.approx(np.mean(want), rel=1e-5)
+
+
+def test_candidate_distill_is_zero_at_the_teacher_and_trains_only_the_student():
+    tokens = jnp.asarray([[1, 2, 3]], jnp.int32)
+    teacher = jnp.asarray([[2.0, 0.0, -1.0]])
+    logits = jnp.full((1, 8), -5.0).at[0, 1:4].set(teacher[0] / 2.0)
+    assert float(losses.candidate_distill(logits, tokens, teacher, temperature=2.0)) == pytest.approx(0.0, abs=1e-6)
+    g_student, g_teacher = jax.grad(lambda l, t: losses.candidate_distill(l, tokens, t, temperature=1.0),
+                                    argnums=(0, 1))(logits, teacher)
+    assert float(jnp.abs(g_student).sum()) > 0 and float(jnp.abs(g_teacher).sum()) == 0.0
+    # Invalid rows count for nothing.
+    two = losses.candidate_distill(jnp.concatenate([logits, logits * 0]), jnp.concatenate([tokens, tokens]),
+                                   jnp.concatenate([teacher, teacher]), temperature=2.0, valid=jnp.asarray([1, 0]))
+    assert float(two) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- the user slot in prompts and in the model ---------------------------------------------------
+
+def _builder(**kw):
+    return PromptBuilder(tiny_tokenizer(), TITLES, V, PromptSettings(domain="movie", **kw))
+
+
+def test_user_slot_sits_after_the_history_and_only_in_unified_prompts():
+    b = _builder(user_slot=True)
+    ex = b.render([0, 1, 2], [3, 4, 5, 6], target=4, template=0, use_ids=True)
+    at = np.flatnonzero(ex["user_slot"])
+    assert len(at) == 1 and ex["input_ids"][at[0]] == b.uid_id
+    assert ex["history_mask"][at[0]] == 1 and ex["slot_items"][at[0]] == -1
+    # After the last history item's ID slot, before the first candidate's.
+    slots = np.flatnonzero(ex["slot_items"] >= 0)
+    assert slots[2] < at[0] < slots[3]
+    tok = tiny_tokenizer()
+    assert tok.decode(ex["input_ids"][slots[2] + 1:at[0]]) == ", profile"
+    text_only = b.render([0, 1, 2], [3, 4, 5, 6], target=4, template=0, use_ids=False)
+    assert not text_only["user_slot"].any() and b.uid_id not in text_only["input_ids"]
+    # Without the setting the prompt is exactly the old one.
+    plain = _builder().render([0, 1, 2], [3, 4, 5, 6], target=4, template=0, use_ids=True)
+    assert "user_slot" not in plain
+    keep = ex["user_slot"] == 0
+    np.testing.assert_array_equal(np.delete(ex["input_ids"], np.arange(slots[2] + 1, at[0] + 1)), plain["input_ids"])
+    assert keep.sum() == len(plain["input_ids"]) + len(ex["input_ids"]) - len(plain["input_ids"]) - 1
+
+
+def test_examples_carry_the_user_state_and_the_candidates_first_tokens():
+    b = _builder(user_slot=True)
+    state = np.arange(4, dtype=np.float32)
+    rec = dict(history=[0, 1, 2], target=4, user_state=state)
+    ex = TrainExample({"m": b}, num_items={"m": len(TITLES)}, num_candidates=5, seed=0, batch_size=2,
+                      use_ids=True, distill=True)(3, dict(rec, dataset="m"))
+    np.testing.assert_array_equal(ex["user_state"], state)
+    cands = ex["cand_items"].tolist()
+    assert sorted(cands) == sorted(set(cands)) and 4 in cands and len(cands) == 5
+    assert list(ex["slot_items"][ex["slot_items"] >= 0][3:]) == cands  # the prompt's candidate order
+    assert ex["cand_first_token"].tolist() == [b.answer_ids(c)[0] for c in cands]
+    batch = pad_batch([ex, ex], (384,))
+    assert batch["user_state"].shape == (2, 4) and batch["user_slot"].shape == (2, 384)
+    with pytest.raises(ValueError, match="user state"):
+        EvalExample(b, template=0, use_ids=True)(0, dict(history=[0, 1, 2], target=4, candidates=[4, 5, 6]))
+
+
+def test_model_writes_the_projected_user_state_at_the_user_slot_only():
+    from rsllm_jax.models.rsllm import RSLLM, RSLLMConfig
+    from tiny_llm import tiny_llm
+
+    llm_cfg, llm_params, _ = tiny_llm()
+    model = RSLLM(RSLLMConfig(llm=llm_cfg, num_added_tokens=2, num_items=6, rec_dim=4, user_slot=True))
+    ids = jnp.asarray([[5, 6, llm_cfg.vocab_size + 2, 7]], jnp.int32)
+    slots = jnp.full((1, 4), -1, jnp.int32)
+    import flax.linen as nn
+
+    params = nn.meta.unbox(model.init(jax.random.key(0), ids, jnp.ones_like(ids), slots)["params"])
+    assert "user_projector" in params
+    user_slot = jnp.asarray([[0, 0, 1, 0]], jnp.int32)
+    states = [jnp.ones((1, 4)), -jnp.ones((1, 4))]
+    embs = [model.apply({"params": params}, ids, slots, user_slot, s, method=RSLLM.embed) for s in states]
+    want = model.apply({"params": params}, states[0], method=lambda m, s: m.user_projector(s))
+    np.testing.assert_allclose(embs[0][0, 2], want[0], rtol=1e-6)
+    np.testing.assert_array_equal(embs[0][0, [0, 1, 3]], embs[1][0, [0, 1, 3]])
+    assert not np.allclose(embs[0][0, 2], embs[1][0, 2])
+    # The teacher: SASRec's logits are the user state against the frozen item rows.
+    scores = model.apply({"params": params}, states[0], jnp.asarray([[0, 3]]), method=RSLLM.sasrec_scores)
+    table = params["rec"]["item_table"]
+    np.testing.assert_allclose(scores[0], table[jnp.asarray([0, 3])] @ states[0][0], rtol=1e-6)
+
+
+# ---- stage 0 exports the states, stage 2 trains with both levers ------------------------------------
+
+def _data(c, tmp_path):
+    from synthetic_data import write_custom_dataset
+
+    inter, items = write_custom_dataset(tmp_path / "data")
+    c.data.dataset = "custom"
+    c.data.custom_interactions, c.data.custom_items = inter, items
+    c.data.cache_dir = str(tmp_path / "cache")
+    return c
+
+
+def test_stage0_exports_states_and_stage2_trains_with_user_slot_and_distill(tmp_path, monkeypatch):
+    from rsllm_jax.models.sasrec import SASRec
+    from rsllm_jax.train.rsllm_trainer import run_eval, run_stage
+    from rsllm_jax.train.sasrec_trainer import train_sasrec
+    from tiny_llm import tiny_llm
+
+    monkeypatch.chdir(tmp_path)
+    c0 = _data(tiny.get_config(), tmp_path)
+    train_sasrec(c0, str(tmp_path / "sasrec"))
+    split = load_split_from_config(c0.data)
+    user_states.attach(split, str(tmp_path / "sasrec"))
+    # The exported state is SASRec's last-position output: its logits rank the candidates as stage 0 does.
+    rec = split.test[0]
+    table = np.load(tmp_path / "sasrec" / "item_embeddings.npy")
+    assert rec["user_state"].shape == (c0.sasrec.hidden,)
+    scores = table[rec["candidates"]] @ rec["user_state"]
+    assert np.isfinite(scores).all() and scores.std() > 0
+    # A state file from another split is refused, not silently paired with the wrong windows.
+    other = load_split_from_config(c0.data)
+    other.train = other.train[1:]
+    with pytest.raises(ValueError, match="computed on another split"):
+        user_states.attach(other, str(tmp_path / "sasrec"))
+
+    llm = tiny_llm()
+    c2 = _data(tiny.get_llm_config("stage2"), tmp_path)
+    c2.stage2.sasrec_dir, c2.stage2.stage1_dir = "sasrec", "none"
+    c2.prompts.user_slot = True
+    c2.loss.weight_distill, c2.loss.distill_temperature = 0.5, 2.0
+    r2 = run_stage(c2, str(tmp_path / "stage2"), llm=llm)
+    rows = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in rows if "distill" in m]
+    assert steps and all(np.isfinite(m["distill"]) and m["distill"] >= 0 for m in steps)
+    assert "grad_norm/user_projector" in steps[0]
+    assert 0.0 <= r2["test"]["accuracy"] <= 1.0
+    # Evaluating the run dir reads the copied user states and reproduces the run's test numbers.
+    ce = _data(tiny.get_llm_config("eval"), tmp_path)
+    ce.checkpoint, ce.prompts.user_slot = "stage2", True
+    m = run_eval(ce, str(tmp_path / "eval"), llm=llm)
+    assert m["accuracy"] == r2["test"]["accuracy"] and m["two_tower_hr1"] == r2["test"]["two_tower_hr1"]

@@ -180,3 +180,38 @@ def test_stage0_exports_states_and_stage2_trains_with_user_slot_and_distill(tmp_
     ce.checkpoint, ce.prompts.user_slot = "stage2", True
     m = run_eval(ce, str(tmp_path / "eval"), llm=llm)
     assert m["accuracy"] == r2["test"]["accuracy"] and m["two_tower_hr1"] == r2["test"]["two_tower_hr1"]
+
+
+# ---- the paired comparison ------------------------------------------------------------------------
+
+def test_paired_compare_pools_seeds_and_matches_rows_by_user(tmp_path):
+    from rsllm_jax.eval import paired
+
+    recs = [dict(user=str(u), history=[0, 1], target=2, candidates=[2, 3, 4]) for u in range(6)]
+
+    def llm_run(name, hits, users=range(6)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "predictions_test.jsonl").write_text(
+            "".join(json.dumps(dict(row=i, user=str(u), hit=bool(h))) + "\n" for i, (u, h) in enumerate(zip(users, hits))))
+        return str(d)
+
+    a = llm_run("a", [1, 0, 0, 1, 0, 0])
+    b = llm_run("b", [1, 1, 1, 0, 1, 0])
+    r = paired.compare([a, a], [b, b], recs)
+    assert (r["rows"], r["base_hits"], r["new_hits"], r["new_only"], r["base_only"]) == (12, 4, 8, 6, 2)
+    assert r["p_value"] == pytest.approx(paired.sign_test([1, 0, 0, 1, 0, 0] * 2, [1, 1, 1, 0, 1, 0] * 2)[2])
+    # A subset run is paired on the users it scored, whatever its row numbers.
+    sub = llm_run("sub", [0, 1], users=[4, 1])
+    assert paired.compare([a], [sub], recs)["rows"] == 2 and paired.compare([a], [sub], recs)["new_only"] == 1
+    # A stage-0 run: SASRec's highest-logit candidate is its answer.
+    s = tmp_path / "sasrec"
+    s.mkdir()
+    np.save(s / "item_embeddings.npy", np.eye(5, dtype=np.float32))
+    states = np.zeros((6, 5), np.float32)
+    states[:3, 2] = 1.0  # users 0-2 score the target highest
+    states[3:, 4] = 1.0
+    np.savez(s / user_states.FILENAME, test=states, test_checksum=np.asarray(user_states.histories_checksum(recs)))
+    assert paired.sasrec_hits(str(s), recs) == {"0": 1, "1": 1, "2": 1, "3": 0, "4": 0, "5": 0}
+    with pytest.raises(ValueError, match="pair them one to one"):
+        paired.compare([a], [a, b], recs)

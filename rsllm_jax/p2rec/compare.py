@@ -6,11 +6,12 @@ python -m rsllm_jax.p2rec.compare runs/p2rec_augment-movielens/results.json runs
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 
 from absl import app, flags
+
+from rsllm_jax.eval.paired import sign_test
 
 COLUMNS = ("dataset", "model", "n", "HR@1 (20 cand)", "HR@10", "NDCG@10",
            "cold n", "cold HR@1", "cold HR@10", "cold NDCG@10", "HR@1 vs SASRec: rows won/lost (sign-test p)")
@@ -55,18 +56,6 @@ def row_hits(model: dict, split: str) -> list[int] | None:
     if not all("per_row" in model[s] for s in parts):
         return None
     return [h for s in parts for h in model[s]["per_row"]["hit1"]]
-
-
-def sign_test(base: Sequence[int], new: Sequence[int]) -> tuple[int, int, float]:
-    """Paired comparison of two models' hits on the same rows -> (rows only `new` hits, rows only `base`
-    hits, two-sided exact sign-test p-value over those discordant rows)."""
-    if len(base) != len(new):
-        raise ValueError(f"paired test needs the same rows: {len(base)} vs {len(new)}")
-    won = sum(1 for b, n in zip(base, new) if n and not b)
-    lost = sum(1 for b, n in zip(base, new) if b and not n)
-    m = won + lost
-    tail = sum(math.comb(m, i) for i in range(min(won, lost) + 1)) / 2 ** m if m else 1.0
-    return won, lost, min(1.0, 2 * tail)
 
 
 def _paired(r: dict, split: str) -> str:

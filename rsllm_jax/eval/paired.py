@@ -1,0 +1,105 @@
+"""Paired comparison of two recommenders on the same test rows: per-row hits, exact sign (McNemar) test.
+
+    python -m rsllm_jax.eval.paired --base=RUN_DIR[,RUN_DIR...] --new=RUN_DIR[,RUN_DIR...] [--out=FILE.json]
+
+A run directory is either an LLM run (its `predictions_test.jsonl`: one row per test row, `hit`) or a
+SASRec run (stage 0: its exported test user states and item table score the frozen candidates, the
+candidate with the highest logit is its answer, as `eval_scores` picks it). Several directories per
+side (one per seed) are pooled: the i-th of --base is paired with the i-th of --new, rows stay
+paired inside each pair. Rows are matched by their user (one test row per user), so a run that scored
+a subset (`eval.max_rows`) is compared on the rows it has.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def sign_test(base: Sequence[int], new: Sequence[int]) -> tuple[int, int, float]:
+    """Paired comparison of two models' hits on the same rows -> (rows only `new` hits, rows only `base`
+    hits, two-sided exact sign-test p-value over those discordant rows; = the exact McNemar test)."""
+    if len(base) != len(new):
+        raise ValueError(f"paired test needs the same rows: {len(base)} vs {len(new)}")
+    won = sum(1 for b, n in zip(base, new) if n and not b)
+    lost = sum(1 for b, n in zip(base, new) if b and not n)
+    m = won + lost
+    tail = sum(math.comb(m, i) for i in range(min(won, lost) + 1)) / 2 ** m if m else 1.0
+    return won, lost, min(1.0, 2 * tail)
+
+
+def sasrec_hits(run_dir: str, test_records: Sequence[dict]) -> dict[str, int]:
+    """User -> 1 if SASRec's highest-logit candidate is the target (ties: the first listed)."""
+    from rsllm_jax.train import user_states
+
+    table = np.load(os.path.join(run_dir, "item_embeddings.npy"))
+    with np.load(os.path.join(run_dir, user_states.FILENAME), allow_pickle=False) as z:
+        states, saved = z["test"], str(z["test_checksum"])
+    if saved != user_states.histories_checksum(test_records):
+        raise ValueError(f"{run_dir}: its test user states belong to another split")
+    return {str(r["user"]): int(r["candidates"][int(np.argmax(table[r["candidates"]] @ s))] == r["target"])
+            for r, s in zip(test_records, states)}
+
+
+def llm_hits(run_dir: str) -> dict[str, int]:
+    """User -> 1 if the run's generated answer named exactly the target (LLaRA's HitRatio@1 hit)."""
+    path = os.path.join(run_dir, "predictions_test.jsonl")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {str(p["user"]): int(bool(p["hit"])) for p in rows}
+
+
+def run_hits(run_dir: str, test_records: Sequence[dict]) -> dict[str, int]:
+    from rsllm_jax.train import user_states
+
+    if os.path.exists(os.path.join(run_dir, "predictions_test.jsonl")):
+        return llm_hits(run_dir)
+    if os.path.exists(os.path.join(run_dir, user_states.FILENAME)):
+        return sasrec_hits(run_dir, test_records)
+    raise FileNotFoundError(f"{run_dir}: neither predictions_test.jsonl (an LLM run) nor {user_states.FILENAME} "
+                            "(a stage-0 run)")
+
+
+def compare(base_dirs: Sequence[str], new_dirs: Sequence[str], test_records: Sequence[dict]) -> dict:
+    """Pooled over the (base, new) pairs: hits of each, discordant rows, the sign-test p-value."""
+    if len(base_dirs) != len(new_dirs):
+        raise ValueError(f"--base has {len(base_dirs)} runs and --new {len(new_dirs)}: pair them one to one")
+    base, new, pairs = [], [], []
+    for b_dir, n_dir in zip(base_dirs, new_dirs):
+        b, n = run_hits(b_dir, test_records), run_hits(n_dir, test_records)
+        rows = sorted(set(b) & set(n))
+        if not rows:
+            raise ValueError(f"{b_dir} and {n_dir} share no test rows")
+        base += [b[r] for r in rows]
+        new += [n[r] for r in rows]
+        pairs.append(dict(base=b_dir, new=n_dir, rows=len(rows)))
+    won, lost, p = sign_test(base, new)
+    return dict(rows=len(base), base_hits=int(sum(base)), new_hits=int(sum(new)), new_only=won, base_only=lost,
+                p_value=p, pairs=pairs)
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from rsllm_jax.data.splits import load_split
+
+    f = flags.FLAGS
+    result = compare(f.base.split(","), f.new.split(","), load_split(f.dataset).test)
+    print(json.dumps(result, indent=1))
+    if f.out:
+        from rsllm_jax.train.run_log import write_json_atomic
+
+        write_json_atomic(f.out, result)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("base", None, "comma-separated run dirs (one per seed)", required=True)
+    flags.DEFINE_string("new", None, "comma-separated run dirs, paired one to one with --base", required=True)
+    flags.DEFINE_string("dataset", "movielens", "the dataset whose test rows the runs scored")
+    flags.DEFINE_string("out", "", "also write the result here (JSON)")
+    app.run(main)

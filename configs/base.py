@@ -76,6 +76,9 @@ def get_config():
     # history, where a second projector writes SASRec's state after the history (the vector SASRec scores
     # items with). The LLM then compares one user vector with the candidates' ID slots.
     c.prompts.user_slot = False
+    # Order the candidates are shown in: "given" (sampled / the split's frozen order) or "sasrec" (best
+    # first by SASRec's logit: SASRec retrieves-and-ranks, the LLM re-ranks the ranked list; stage 2 only).
+    c.prompts.candidate_order = "given"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.weight_tt = 0.1  # a: L_TT = InfoNCE(v_T|U -> v_T)

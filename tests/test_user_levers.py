@@ -10,7 +10,7 @@ import pytest
 
 from configs import tiny
 from rsllm_jax import losses
-from rsllm_jax.data.prompt_pipeline import EvalExample, TrainExample
+from rsllm_jax.data.prompt_pipeline import EvalExample, SasrecOrder, TrainExample
 from rsllm_jax.data.prompts import PromptBuilder, PromptSettings, pad_batch
 from rsllm_jax.data.splits import load_split_from_config
 from rsllm_jax.train import user_states
@@ -104,6 +104,43 @@ def test_examples_carry_the_user_state_and_the_candidates_first_tokens():
         EvalExample(b, template=0, use_ids=True)(0, dict(history=[0, 1, 2], target=4, candidates=[4, 5, 6]))
 
 
+def test_sasrec_order_shows_candidates_best_first_and_changes_nothing_else():
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(len(TITLES), 4)).astype(np.float32)
+    state = rng.normal(size=4).astype(np.float32)
+    order = SasrecOrder(table)
+    rec = dict(history=[0, 1, 2], target=4, candidates=[3, 4, 5, 6, 7], user_state=state)
+    shown = order(rec, rec["candidates"])
+    scores = table[shown] @ state
+    assert sorted(shown) == sorted(rec["candidates"]) and np.all(np.diff(scores) <= 0)
+    b = _builder()
+    ex = EvalExample(b, template=0, use_ids=True, order=order)(0, rec)
+    plain = EvalExample(b, template=0, use_ids=True)(0, rec)
+    assert list(ex["slot_items"][ex["slot_items"] >= 0][3:]) == shown
+    assert list(plain["slot_items"][plain["slot_items"] >= 0][3:]) == rec["candidates"]
+    assert ex["target_item"] == plain["target_item"] and rec["candidates"] == [3, 4, 5, 6, 7]  # record untouched
+    t = TrainExample({"m": b}, num_items={"m": len(TITLES)}, num_candidates=5, seed=0, batch_size=2, use_ids=True,
+                     order=order, distill=True)(3, dict(rec, dataset="m"))
+    cands = t["cand_items"].tolist()
+    assert np.all(np.diff(table[cands] @ state) <= 0) and 4 in cands
+    with pytest.raises(ValueError, match="user state"):
+        order(dict(history=[0], target=1), [1, 2])
+
+
+def test_candidate_order_config_is_checked():
+    from rsllm_jax.train.rsllm_trainer import candidate_order
+
+    c = tiny.get_llm_config("stage2")
+    assert candidate_order(c, np.zeros((3, 2))) is None
+    c.prompts.candidate_order = "sasrec"
+    assert isinstance(candidate_order(c, np.zeros((3, 2))), SasrecOrder)
+    with pytest.raises(ValueError, match="stage-2 option"):
+        candidate_order(c, None)
+    c.prompts.candidate_order = "popularity"
+    with pytest.raises(ValueError, match="candidate_order='popularity'"):
+        candidate_order(c, np.zeros((3, 2)))
+
+
 def test_model_writes_the_projected_user_state_at_the_user_slot_only():
     from rsllm_jax.models.rsllm import RSLLM, RSLLMConfig
     from tiny_llm import tiny_llm
@@ -167,7 +204,7 @@ def test_stage0_exports_states_and_stage2_trains_with_user_slot_and_distill(tmp_
     llm = tiny_llm()
     c2 = _data(tiny.get_llm_config("stage2"), tmp_path)
     c2.stage2.sasrec_dir, c2.stage2.stage1_dir = "sasrec", "none"
-    c2.prompts.user_slot = True
+    c2.prompts.user_slot, c2.prompts.candidate_order = True, "sasrec"
     c2.loss.weight_distill, c2.loss.distill_temperature = 0.5, 2.0
     r2 = run_stage(c2, str(tmp_path / "stage2"), llm=llm)
     rows = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
@@ -177,7 +214,7 @@ def test_stage0_exports_states_and_stage2_trains_with_user_slot_and_distill(tmp_
     assert 0.0 <= r2["test"]["accuracy"] <= 1.0
     # Evaluating the run dir reads the copied user states and reproduces the run's test numbers.
     ce = _data(tiny.get_llm_config("eval"), tmp_path)
-    ce.checkpoint, ce.prompts.user_slot = "stage2", True
+    ce.checkpoint, ce.prompts.user_slot, ce.prompts.candidate_order = "stage2", True, "sasrec"
     m = run_eval(ce, str(tmp_path / "eval"), llm=llm)
     assert m["accuracy"] == r2["test"]["accuracy"] and m["two_tower_hr1"] == r2["test"]["two_tower_hr1"]
 

@@ -25,6 +25,22 @@ from rsllm_jax.data.prompts import PromptBuilder, pad_batch
 from rsllm_jax.data.splits import sample_candidates
 
 
+class SasrecOrder:
+    """Candidates shown best first by SASRec's logit (user_state . item_table[c]): SASRec as the
+    retriever that ranks, the LLM as the re-ranker that reads the ranked list (LlamaRec-style two-stage).
+    The candidate set, the target and every readout stay as they are; only the order shown changes."""
+
+    def __init__(self, item_table: np.ndarray):
+        self.table = np.asarray(item_table, np.float32)
+
+    def __call__(self, record: dict, candidates) -> list[int]:
+        if "user_state" not in record:
+            raise ValueError("config.prompts.candidate_order='sasrec' needs SASRec's user state on every record "
+                             "(train/user_states.attach)")
+        scores = self.table[np.asarray(candidates, np.int64)] @ np.asarray(record["user_state"], np.float32)
+        return [int(candidates[i]) for i in np.argsort(-scores, kind="stable")]
+
+
 def _process(process_index, process_count) -> tuple[int, int]:
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -40,7 +56,9 @@ class TrainExample:
     """
 
     def __init__(self, builders: dict[str, PromptBuilder], *, num_items: dict[str, int], num_candidates: int,
-                 seed: int, batch_size: int, use_ids: bool, curriculum_steps: int = 0, distill: bool = False):
+                 seed: int, batch_size: int, use_ids: bool, curriculum_steps: int = 0, distill: bool = False,
+                 order: SasrecOrder | None = None):
+        self.order = order  # None: candidates in sampled order
         self.builders, self.num_items, self.num_candidates = builders, num_items, num_candidates
         self.distill = distill  # emit the candidates and their answers' first tokens (listwise distillation)
         self.offsets = dict(zip(builders, np.cumsum([0] + [num_items[k] for k in builders])[:-1].tolist()))
@@ -63,6 +81,8 @@ class TrainExample:
         template, unified = self.batch_choices(index // self.batch_size)
         rng = np.random.default_rng([self.seed, index])
         cands = sample_candidates(rng, record["history"], record["target"], self.num_items[name], self.num_candidates)
+        if self.order is not None:
+            cands = self.order(record, cands)
         ex = builder.render(record["history"], cands, record["target"], template, unified)
         ex.update(builder.render_target(record["target"], unified))
         ex["target_item"] = np.int32(self.offsets[name] + record["target"])
@@ -104,11 +124,12 @@ def train_batches(records: Sequence[dict], example: TrainExample, *, global_batc
 class EvalExample:
     """Fixed template, the split's frozen candidates, prompt only (the answer is generated)."""
 
-    def __init__(self, builder: PromptBuilder, *, template: int, use_ids: bool):
-        self.builder, self.template, self.use_ids = builder, template, use_ids
+    def __init__(self, builder: PromptBuilder, *, template: int, use_ids: bool, order: SasrecOrder | None = None):
+        self.builder, self.template, self.use_ids, self.order = builder, template, use_ids, order
 
     def __call__(self, index: int, record: dict) -> dict:
-        ex = self.builder.render(record["history"], record["candidates"], None, self.template, self.use_ids)
+        cands = record["candidates"] if self.order is None else self.order(record, record["candidates"])
+        ex = self.builder.render(record["history"], cands, None, self.template, self.use_ids)
         ex.update(self.builder.render_target(record["target"], self.use_ids))
         ex["target_item"] = np.int32(record["target"])
         ex["row"] = np.int32(index)

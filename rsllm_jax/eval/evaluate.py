@@ -24,7 +24,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from rsllm_jax import losses, sharding
-from rsllm_jax.data.prompt_pipeline import EvalExample, eval_batches
+from rsllm_jax.data.prompt_pipeline import EvalExample, SasrecOrder, eval_batches
 from rsllm_jax.data.prompts import PromptBuilder
 from rsllm_jax.data.splits import eval_subset
 from rsllm_jax.eval import generation_metrics, ranking
@@ -40,7 +40,8 @@ class Evaluator:
 
     def __init__(self, model: RSLLM, tokenizer, builder: PromptBuilder, mesh, *, batch_size: int,
                  max_new_tokens: int, template: int, use_ids: bool, buckets: Sequence[int],
-                 generate: bool = True, score_candidates: bool = False, max_answer_tokens: int = 64):
+                 generate: bool = True, score_candidates: bool = False, max_answer_tokens: int = 64,
+                 candidate_order: SasrecOrder | None = None):
         if not (generate or score_candidates):
             raise ValueError("config.eval: generate and score_candidates are both off; nothing to evaluate")
         self.model, self.tok, self.builder, self.mesh = model, tokenizer, builder, mesh
@@ -48,6 +49,7 @@ class Evaluator:
         self.do_generate, self.score_candidates, self.max_answer_tokens = generate, score_candidates, max_answer_tokens
         self._answers: dict[int, list[int]] = {}  # item -> answer token ids (likelihood readout)
         self.template, self.use_ids, self.buckets = template, use_ids, tuple(buckets)
+        self.candidate_order = candidate_order  # the order candidates are shown in (None: the split's)
         self.llm = Llama(model.config.llm, dtype=model.dtype, param_dtype=model.param_dtype, lora=model.lora)
         self.stop_ids = np.asarray(stop_token_ids(tokenizer, ("\n",)), np.int32)
         # An answer may open with a newline; only a newline after some text ends it.
@@ -122,7 +124,8 @@ class Evaluator:
         records = eval_subset(records, limit)
         num_items = len(titles)
         item_vecs = self.item_vectors(params, num_items, item_cache) if two_tower else None
-        ds = eval_batches(records, EvalExample(self.builder, template=self.template, use_ids=self.use_ids),
+        ds = eval_batches(records, EvalExample(self.builder, template=self.template, use_ids=self.use_ids,
+                                                      order=self.candidate_order),
                           global_batch_size=self.batch_size, buckets=self.buckets)
         scored, preds, cand_hits, ranks, ll_ranks, ll_sum_ranks = [], [], [], [], [], []
         ll_split = []  # per row: (copy nats, choice nats, first-token nats of the target) -- see below

@@ -30,7 +30,7 @@ from flax import traverse_util
 from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax.checkpoint.run_dirs import has_checkpoint, sibling_dir
-from rsllm_jax.data.prompt_pipeline import TrainExample, train_batches
+from rsllm_jax.data.prompt_pipeline import SasrecOrder, TrainExample, train_batches
 from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings, repad
 from rsllm_jax.data.splits import SplitData, load_split_from_config
 from rsllm_jax.eval.evaluate import Evaluator, params_fingerprint
@@ -70,9 +70,26 @@ def subsample(records: list, n: int, seed: int) -> list:
     return [records[i] for i in sorted(idx)]
 
 
+CANDIDATE_ORDERS = ("given", "sasrec")
+
+
+def candidate_order(cfg, rec_table) -> SasrecOrder | None:
+    """config.prompts.candidate_order -> the order object the pipelines apply (None: as sampled)."""
+    order = cfg.prompts.get("candidate_order", "given")
+    if order not in CANDIDATE_ORDERS:
+        raise ValueError(f"config.prompts.candidate_order={order!r}: expected one of {CANDIDATE_ORDERS}")
+    if order == "given":
+        return None
+    if rec_table is None:
+        raise ValueError("config.prompts.candidate_order='sasrec' needs SASRec's item table and user states: "
+                         "it is a stage-2 option (unified prompts, config.prompts.use_ids=True)")
+    return SasrecOrder(rec_table)
+
+
 def needs_user_states(cfg) -> bool:
-    """The user slot and the distillation teacher both read SASRec's per-window user state."""
-    return bool(cfg.prompts.user_slot and cfg.prompts.use_ids) or bool(cfg.loss.weight_distill)
+    """The user slot, the distillation teacher and SASRec-ordered candidates read SASRec's per-window state."""
+    return (bool(cfg.prompts.user_slot and cfg.prompts.use_ids) or bool(cfg.loss.weight_distill)
+            or cfg.prompts.get("candidate_order", "given") == "sasrec")
 
 
 def _stage_dependencies(cfg, workdir: str):
@@ -104,6 +121,7 @@ def _stage_dependencies(cfg, workdir: str):
             with c1.unlocked():
                 c1.stage = "stage1"
                 c1.prompts.use_ids = False
+                c1.prompts.candidate_order = "given"
                 c1.train.max_train_samples = s2.stage1_train_samples
             run_stage(c1, stage1_dir)
         stage1_params = _restore_trainable(stage1_dir, keep=r"llm/.*lora_(a|b)|added_embeddings/.*")
@@ -185,11 +203,12 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                  len(records), n_all, bs, accum, bs // accum, total_steps, nce_pool_size(cfg.loss, bs, accum),
                  cfg.loss.nce_pool)
 
+    order = candidate_order(cfg, rec_table)
     example = TrainExample(
         builders, num_items={n: sp.num_items for n, sp in splits.items()}, num_candidates=cfg.data.num_candidates,
         seed=cfg.seed, batch_size=bs, use_ids=use_ids,
         curriculum_steps=total_steps if (cfg.train.curriculum and use_ids) else 0,
-        distill=bool(cfg.loss.weight_distill) and use_ids,
+        distill=bool(cfg.loss.weight_distill) and use_ids, order=order,
     )
     data_iter = iter(train_batches(records, example, global_batch_size=bs, seed=cfg.seed,
                                    buckets=cfg.prompts.buckets, worker_count=cfg.data.grain_workers))
@@ -220,7 +239,8 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
         val_records = val_records[: cfg.train.val_samples]
     evaluator = Evaluator(built.model, built.tokenizer, builders[target], mesh, batch_size=cfg.eval.batch_size,
                           max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompts.eval_template,
-                          use_ids=use_ids, buckets=cfg.prompts.buckets, **evaluator_options(cfg))
+                          use_ids=use_ids, buckets=cfg.prompts.buckets, candidate_order=order,
+                          **evaluator_options(cfg))
 
     if cfg.train.eval_every_steps and not evaluator.do_generate:
         raise ValueError("config.train.eval_every_steps > 0 picks the best step by generated answers' accuracy: "
@@ -340,7 +360,8 @@ def run_eval(cfg, workdir: str, *, llm=None) -> dict:
     builder = prompt_builder(cfg, built.tokenizer, split, built.model.config.llm.vocab_size)
     evaluator = Evaluator(built.model, built.tokenizer, builder, mesh, batch_size=cfg.eval.batch_size,
                           max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompts.eval_template,
-                          use_ids=not text_only, buckets=cfg.prompts.buckets, **evaluator_options(cfg))
+                          use_ids=not text_only, buckets=cfg.prompts.buckets,
+                          candidate_order=candidate_order(cfg, rec_table), **evaluator_options(cfg))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         metrics = evaluator.run(built.params, getattr(split, cfg.eval.split), split.titles, out_dir=workdir,
                                 name=cfg.eval.split, two_tower=cfg.eval.two_tower, limit=cfg.eval.max_rows)

@@ -145,6 +145,10 @@ def get_config():
     # prompt): a readout that cannot be invalid, to tell preference apart from answer format.
     c.eval.score_candidates = False
     c.eval.max_answer_tokens = 64  # likelihood readout: longer answers are scored on this prefix
+    # Grounded answers (BIGRec-style): also decode within the 20 candidates' answers (a prefix trie), so every
+    # answer names a candidate; reported as grounded_hr1 beside free generation, whose ValidRatio stays the
+    # format metric.
+    c.eval.grounded = False
     # 0 = every row of the split; >0 = a seeded random subset of N rows (data.splits.eval_subset), the same
     # rows for every model and stage 0 (CPU budgets on Steam's 1,194 test rows; smoke runs).
     c.eval.max_rows = 0

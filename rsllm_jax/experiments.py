@@ -26,7 +26,8 @@ data.split_seed is never touched, so the val/test rows and their candidates are 
 
 `--likelihood` adds, after each LLM row, an evaluation of its checkpoint that ranks the 20 candidates by the
 LM's likelihood of each as the answer (<workdir>/likelihood/, the table's LL HR@1): a readout that cannot
-be invalid, so it shows whether a row learned the user's preference apart from the answer format.
+be invalid, so it shows whether a row learned the user's preference apart from the answer format; the same
+evaluation decodes grounded answers (greedy within the candidates' answers, the table's grounded HR@1).
 
 After the runs: <results_dir>/<dataset>.json (every run: test metrics, training samples, steps, wall time,
 the exact command, seed; git revision and dirty flag, date, host) and <results_dir>/<dataset>.md (mean ±
@@ -116,6 +117,7 @@ METRIC_COLUMNS = (
     ("accuracy", "accuracy"),
     ("two_tower_hr1", "2T HR@1"),
     ("likelihood_hr1", "LL HR@1"),
+    ("grounded_hr1", "grounded HR@1"),
     ("hr10", "HR@10"),
     ("ndcg10", "NDCG@10"),
 )
@@ -350,7 +352,8 @@ def likelihood_run(opts, run: Run) -> Run | None:
     if run.row.kind != "eval":  # a trained row: evaluate its best checkpoint, in its own prompt format
         flags += [_cfg("checkpoint", run.workdir), _cfg("checkpoint_stage", run.row.kind)]
     flags, _ = _merge(flags, [_cfg("eval.split", "test"), _cfg("eval.generate", "False"),
-                              _cfg("eval.score_candidates", "True"), _cfg("eval.two_tower", "False")])
+                              _cfg("eval.score_candidates", "True"), _cfg("eval.grounded", "True"),
+                              _cfg("eval.two_tower", "False")])
     workdir = os.path.join(run.workdir, LIKELIHOOD_DIR)
     cmd = [sys.executable, "-m", "rsllm_jax.main", f"--config={opts.config_paths['eval']}", f"--workdir={workdir}",
            *flags]
@@ -595,7 +598,7 @@ def extract(row: Row, workdir: str, result: dict) -> dict:
         t = result["test"]
         # Ranking by logits always names exactly one candidate: HitRatio@1 = accuracy = HR@1 (20 cand.).
         metrics = dict(valid_ratio=None, hit_ratio_at_1=t.get("hr1_cand"), accuracy=t.get("hr1_cand"),
-                       two_tower_hr1=None, likelihood_hr1=None, hr10=t.get("hr10"), ndcg10=t.get("ndcg10"),
+                       two_tower_hr1=None, likelihood_hr1=None, grounded_hr1=None, hr10=t.get("hr10"), ndcg10=t.get("ndcg10"),
                        n=t.get("n"))
         val = {"hr1_cand": result.get("val", {}).get("hr1_cand")}
         return dict(metrics=metrics, val=val, train_samples=result.get("train_samples"), steps=_max_step(workdir),
@@ -608,7 +611,7 @@ def extract(row: Row, workdir: str, result: dict) -> dict:
     ll = ll if isinstance(ll, dict) and ll.get("n") == t.get("n") else {}  # only on the same test rows
     metrics.update(likelihood_hr1=ll.get("likelihood_hr1"), likelihood_sum_hr1=ll.get("likelihood_sum_hr1"),
                    likelihood_mean_rank=ll.get("likelihood_mean_rank"), likelihood_copy_nats=ll.get("likelihood_copy_nats"),
-                   likelihood_choice_nats=ll.get("likelihood_choice_nats"))
+                   likelihood_choice_nats=ll.get("likelihood_choice_nats"), grounded_hr1=ll.get("grounded_hr1"))
     if row.kind == "eval":
         return dict(metrics=metrics, val=None, train_samples=0, steps=0, best_step=None,
                     wall_time_s=result.get("wall_time_s"))
@@ -810,7 +813,8 @@ def markdown(out: dict) -> str:
         + ". Mean ± sample standard deviation (n - 1) over the finished seeds; `seeds` = finished/planned. "
         "ValidRatio = samples naming exactly one candidate / all; HitRatio@1 = hits / valid samples; "
         "accuracy = hits / all. 2T = the two-tower protocol (cos(v_U, v_T) over the 20 candidates); LL = the 20 "
-        "candidates ranked by the LM's mean per-token log-likelihood of each as the answer (`--likelihood`); HR@10 and "
+        "candidates ranked by the LM's mean per-token log-likelihood of each as the answer (`--likelihood`); grounded = "
+        "greedy decoding restricted to the candidates' answers (a prefix trie; `--likelihood`); HR@10 and "
         "NDCG@10 rank the whole catalogue (two-tower for LLM rows, logits for `sasrec`, whose HitRatio@1 and "
         "accuracy are its HR@1 on the 20 candidates). Wall time is each run's own (training + evaluation).",
     ]

@@ -231,3 +231,49 @@ def test_smollm2_newline_stop_ids(smollm2):
     assert tokenizer("\n").input_ids[-1] in stops
     assert all("\n" in tokenizer.decode([i]) for i in stops if i != tokenizer.eos_token_id)
     assert tokenizer(" the").input_ids[-1] not in stops
+
+
+def _grounded_reference(model, params, prompt, seqs):
+    """Greedy trie walk on host with full recomputation: the next token is the best-scoring allowed one."""
+    out = []
+    while True:
+        alive = [s for s in seqs if s[:len(out)] == out and len(s) > len(out)]
+        if not alive:
+            return out
+        ids, mask = left_pad([prompt + out], pad_id=0)
+        logits = np.asarray(_logits(model, params, ids, mask))[0, -1]
+        allowed = sorted({s[len(out)] for s in alive})
+        out.append(allowed[int(np.argmax(logits[allowed]))])
+
+
+def test_grounded_decoding_emits_exactly_one_allowed_sequence_greedily():
+    model, params = tiny_model()
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    # Per row K = 3 sequences of different lengths; row 0's share a two-token prefix (the trie branches late).
+    allowed = [[[40, 41, 42, 43], [40, 41, 50], [60]],
+               [[70, 71], [72, 73, 74, 75, 76], [77]],
+               [[80, 81, 82], [83], [84, 85]]]
+    length = 6
+    g_ids = np.zeros((3, 3, length), np.int32)
+    g_mask = np.zeros_like(g_ids)
+    for b, row in enumerate(allowed):
+        for k, s in enumerate(row):
+            g_ids[b, k, :len(s)], g_mask[b, k, :len(s)] = s, 1
+    tokens, lengths = generate(model, params, ids, attention_mask=mask, max_new_tokens=length,
+                               grounded_ids=g_ids, grounded_mask=g_mask, pad_id=-1)
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    for b, prompt in enumerate(PROMPTS):
+        got = tokens[b, :lengths[b]].tolist()
+        assert got in allowed[b] and (tokens[b, lengths[b]:] == -1).all()
+        assert got == _grounded_reference(model, params, prompt, allowed[b])
+    # Free generation from the same prompts names none of these sequences: the trie did the work.
+    free, _ = generate(model, params, ids, attention_mask=mask, max_new_tokens=length)
+    assert not any(np.asarray(free)[b, :len(s)].tolist() == s for b in range(3) for s in allowed[b])
+    # One allowed sequence per row: it is returned whatever the model prefers.
+    one = generate(model, params, ids, attention_mask=mask, max_new_tokens=length, grounded_ids=g_ids[:, :1],
+                   grounded_mask=g_mask[:, :1], pad_id=-1)
+    for b in range(3):
+        assert np.asarray(one[0])[b, :np.asarray(one[1])[b]].tolist() == allowed[b][0]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, params, ids, attention_mask=mask, max_new_tokens=length - 1, grounded_ids=g_ids,
+                 grounded_mask=g_mask)

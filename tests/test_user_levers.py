@@ -215,8 +215,18 @@ def test_stage0_exports_states_and_stage2_trains_with_user_slot_and_distill(tmp_
     # Evaluating the run dir reads the copied user states and reproduces the run's test numbers.
     ce = _data(tiny.get_llm_config("eval"), tmp_path)
     ce.checkpoint, ce.prompts.user_slot, ce.prompts.candidate_order = "stage2", True, "sasrec"
+    ce.eval.grounded = True
     m = run_eval(ce, str(tmp_path / "eval"), llm=llm)
     assert m["accuracy"] == r2["test"]["accuracy"] and m["two_tower_hr1"] == r2["test"]["two_tower_hr1"]
+    # Grounded answers name exactly one candidate each; their hits are what grounded_hr1 counts.
+    split = load_split_from_config(ce.data)
+    preds = [json.loads(line) for line in (tmp_path / "eval" / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(preds) == m["n"]
+    for p, rec in zip(preds, split.test):
+        cand = rec["candidates"][p["grounded_position"]]
+        assert p["grounded_output"].strip() == split.titles[cand].strip()
+        assert p["grounded_hit"] == (cand == rec["target"])
+    assert m["grounded_hr1"] == pytest.approx(np.mean([p["grounded_hit"] for p in preds]))
 
 
 # ---- the paired comparison ------------------------------------------------------------------------

@@ -41,8 +41,8 @@ class Evaluator:
     def __init__(self, model: RSLLM, tokenizer, builder: PromptBuilder, mesh, *, batch_size: int,
                  max_new_tokens: int, template: int, use_ids: bool, buckets: Sequence[int],
                  generate: bool = True, score_candidates: bool = False, max_answer_tokens: int = 64,
-                 candidate_order: SasrecOrder | None = None):
-        if not (generate or score_candidates):
+                 candidate_order: SasrecOrder | None = None, grounded: bool = False):
+        if not (generate or score_candidates or grounded):
             raise ValueError("config.eval: generate and score_candidates are both off; nothing to evaluate")
         self.model, self.tok, self.builder, self.mesh = model, tokenizer, builder, mesh
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -50,6 +50,7 @@ class Evaluator:
         self._answers: dict[int, list[int]] = {}  # item -> answer token ids (likelihood readout)
         self.template, self.use_ids, self.buckets = template, use_ids, tuple(buckets)
         self.candidate_order = candidate_order  # the order candidates are shown in (None: the split's)
+        self.grounded = grounded  # also decode within the candidates' answers (a trie; models/generate.py)
         self.llm = Llama(model.config.llm, dtype=model.dtype, param_dtype=model.param_dtype, lora=model.lora)
         self.stop_ids = np.asarray(stop_token_ids(tokenizer, ("\n",)), np.int32)
         # An answer may open with a newline; only a newline after some text ends it.
@@ -127,7 +128,7 @@ class Evaluator:
         ds = eval_batches(records, EvalExample(self.builder, template=self.template, use_ids=self.use_ids,
                                                       order=self.candidate_order),
                           global_batch_size=self.batch_size, buckets=self.buckets)
-        scored, preds, cand_hits, ranks, ll_ranks, ll_sum_ranks = [], [], [], [], [], []
+        scored, preds, cand_hits, ranks, ll_ranks, ll_sum_ranks, grounded_hits = [], [], [], [], [], [], []
         ll_split = []  # per row: (copy nats, choice nats, first-token nats of the target) -- see below
         n_batches = -(-len(records) // self.batch_size)
         llm, llm_params = for_inference(self.llm, params["llm"])
@@ -143,8 +144,14 @@ class Evaluator:
                                            max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                                            leading_ids=self.leading_ids)
                 tokens, lengths = sharding.to_host(tokens), sharding.to_host(lengths)
-            if self.score_candidates:
+            if self.score_candidates or self.grounded:
                 cont_ids, cont_mask = self._candidate_answers(rows)
+            if self.grounded:
+                g_tokens, g_lengths = generate(llm, llm_params, inputs_embeds=embeds, attention_mask=mask,
+                                               max_new_tokens=cont_ids.shape[2], grounded_ids=self._global(cont_ids),
+                                               grounded_mask=self._global(cont_mask))
+                g_tokens, g_lengths = sharding.to_host(g_tokens), sharding.to_host(g_lengths)
+            if self.score_candidates:
                 logp = sharding.to_host(continuation_logprobs(
                     llm, llm_params, inputs_embeds=embeds, attention_mask=mask,
                     continuation_ids=self._global(cont_ids), continuation_mask=self._global(cont_mask)))
@@ -167,6 +174,17 @@ class Evaluator:
                                 # Positions in the prompt's candidate list and item ids: what eval.answer_bias reads.
                                 named_positions=[int(i) for i in s["named"]],
                                 named_items=[int(rec["candidates"][i]) for i in s["named"]])
+                if self.grounded:
+                    # The emitted sequence is exactly one candidate's answer (ids, so no text matching).
+                    g = g_tokens[j, : g_lengths[j]]
+                    pos = [k for k in range(cont_ids.shape[1])
+                           if cont_mask[j, k].sum() == len(g) and np.array_equal(cont_ids[j, k, : len(g)], g)]
+                    if not pos:  # the trie makes this impossible; a bug, not a miss
+                        raise RuntimeError(f"grounded decoding emitted {g.tolist()}, not one candidate's answer")
+                    # Two candidates with the same title (MovieLens has a few) are one answer: the first counts.
+                    grounded_hits.append(float(pos[0] == target_pos))
+                    pred.update(grounded_output=self.tok.decode(g, skip_special_tokens=True),
+                                grounded_position=pos[0], grounded_hit=bool(grounded_hits[-1]))
                 if self.score_candidates:
                     # Rank 1 = best; ties count against the target (no credit for a flat score).
                     ll_ranks.append(int(np.sum(ll_mean[j] >= ll_mean[j, target_pos])))
@@ -191,6 +209,8 @@ class Evaluator:
                     pred["two_tower_top"] = titles[top]
                 preds.append(pred)
         metrics = generation_metrics.aggregate(scored) if self.do_generate else dict(n=len(preds))
+        if self.grounded:  # every grounded answer is valid: HR@1 = accuracy
+            metrics["grounded_hr1"] = float(np.mean(grounded_hits))
         if self.score_candidates:
             ll_ranks, ll_sum_ranks = np.asarray(ll_ranks), np.asarray(ll_sum_ranks)
             copy, choice, first = np.asarray(ll_split).reshape(-1, 3).T

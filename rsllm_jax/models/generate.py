@@ -4,6 +4,11 @@ Prompts are left-padded (RoPE positions come from the attention mask, so padding
 either as token ids or as embeddings (the recommender splices projected item embeddings into the
 prompt). Each row stops on its first stop token (EOS, or any token whose text contains a stop string
 such as a newline); the loop exits early once every row has stopped.
+
+Grounded decoding (`grounded_ids`): each row may only emit one of its K allowed token sequences (the 20
+candidates' answers, each ending with its newline), a prefix trie walked on device: at step t the allowed
+tokens are position t of every sequence still consistent with what the row emitted, and the row stops
+when its sequence is complete. Greedy (or sampled) within the trie, as BIGRec grounds to real items.
 """
 from __future__ import annotations
 
@@ -71,6 +76,7 @@ class _State(NamedTuple):
     last_logits: jax.Array
     rng: jax.Array
     started: jax.Array  # a row has produced a token outside `leading_ids`
+    alive: jax.Array  # grounded: [B, K] sequences consistent with the emitted prefix ([B, 1] otherwise)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p"))
@@ -88,6 +94,8 @@ def generate(
     top_p: float = 1.0,
     pad_id: int | jax.Array = 0,
     leading_ids: jax.Array | None = None,
+    grounded_ids: jax.Array | None = None,
+    grounded_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Continues left-padded prompts. Returns (tokens [B, max_new_tokens], lengths [B]).
 
@@ -95,6 +103,8 @@ def generate(
     `params` is the LLM's params tree (without the {'params': ...} wrapper).
     `leading_ids` (e.g. whitespace-only tokens): a stop token among them does not stop a row that has
     produced nothing else yet, so an answer that starts on a fresh line is not cut to "".
+    `grounded_ids` / `grounded_mask` [B, K, L]: the allowed sequences, right-padded (see the module doc);
+    L <= max_new_tokens, and `stop_ids` / `leading_ids` are then not used.
     """
     variables = {"params": params}
     prompt = input_ids if inputs_embeds is None else inputs_embeds
@@ -102,6 +112,16 @@ def generate(
     stop_ids = jnp.zeros((0,), jnp.int32) if stop_ids is None else jnp.asarray(stop_ids, jnp.int32)
     leading_ids = jnp.zeros((0,), jnp.int32) if leading_ids is None else jnp.asarray(leading_ids, jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
+    grounded = grounded_ids is not None
+    if grounded:
+        grounded_ids = jnp.asarray(grounded_ids, jnp.int32)
+        grounded_mask = jnp.asarray(grounded_mask, jnp.bool_)
+        if grounded_ids.shape[2] > max_new_tokens:
+            raise ValueError(f"grounded sequences of {grounded_ids.shape[2]} tokens need max_new_tokens >= that "
+                             f"(got {max_new_tokens})")
+        alive = grounded_mask[:, :, 0]
+    else:
+        alive = jnp.ones((b, 1), jnp.bool_)
 
     cache = init_cache(model.config, b, t + max_new_tokens, model.dtype)
     # Prefill needs the next-token logits of the last column only: skip the vocabulary matmul elsewhere
@@ -120,24 +140,45 @@ def generate(
         last_logits=logits[:, -1],  # left padding puts every row's last prompt token in the last column
         rng=rng,
         started=jnp.zeros((b,), jnp.bool_),
+        alive=alive,
     )
 
     def cond(s: _State) -> jax.Array:
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
+    def trie_step(s: _State, logits: jax.Array):
+        """Mask `logits` to the trie's next tokens; returns (masked logits, column of each sequence)."""
+        length = grounded_ids.shape[2]
+        at = jnp.minimum(s.step, length - 1)
+        col = jax.lax.dynamic_index_in_dim(grounded_ids, at, axis=2, keepdims=False)  # [B, K]
+        has = s.alive & jax.lax.dynamic_index_in_dim(grounded_mask, at, axis=2, keepdims=False) & (s.step < length)
+        allowed = jnp.zeros(logits.shape, jnp.bool_).at[jnp.arange(b)[:, None], col].max(has)
+        return jnp.where(allowed, logits, -jnp.inf), col, has
+
     def body(s: _State) -> _State:
         rng, key = jax.random.split(s.rng)
-        tok = sample_logits(s.last_logits, key, temperature, top_p)
+        logits = s.last_logits
+        if grounded:
+            logits, col, has = trie_step(s, logits)
+        tok = sample_logits(logits, key, temperature, top_p)
         tok = jnp.where(s.done, pad_id, tok)
         tokens = jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step))
         lengths = s.lengths + (~s.done).astype(jnp.int32)
-        leading = jnp.isin(tok, leading_ids)
-        done = s.done | (jnp.isin(tok, stop_ids) & (s.started | ~leading))
-        started = s.started | ~leading
+        alive = s.alive
+        if grounded:
+            alive = has & (col == tok[:, None])
+            nxt = jnp.minimum(s.step + 1, grounded_ids.shape[2] - 1)
+            more = alive & jax.lax.dynamic_index_in_dim(grounded_mask, nxt, axis=2, keepdims=False)
+            done = s.done | ~jnp.any(more & (s.step + 1 < grounded_ids.shape[2]), axis=1)
+            started = jnp.ones_like(s.started)
+        else:
+            leading = jnp.isin(tok, leading_ids)
+            done = s.done | (jnp.isin(tok, stop_ids) & (s.started | ~leading))
+            started = s.started | ~leading
         logits, cache = model.apply(
             variables, tok[:, None], attention_mask=jnp.ones((b, 1), jnp.int32), cache=s.cache
         )
-        return _State(s.step + 1, tokens, lengths, done, cache, logits[:, -1], rng, started)
+        return _State(s.step + 1, tokens, lengths, done, cache, logits[:, -1], rng, started, alive)
 
     final = jax.lax.while_loop(cond, body, state)
     return final.tokens, final.lengths

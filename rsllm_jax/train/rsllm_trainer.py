@@ -330,7 +330,7 @@ def merge(state: step_lib.TrainState) -> dict:
 def evaluator_options(cfg) -> dict:
     """The readouts config.eval picks (defaults in configs/base.py)."""
     return dict(generate=cfg.eval.generate, score_candidates=cfg.eval.score_candidates,
-                max_answer_tokens=cfg.eval.max_answer_tokens)
+                max_answer_tokens=cfg.eval.max_answer_tokens, grounded=bool(cfg.eval.get("grounded", False)))
 
 
 def run_eval(cfg, workdir: str, *, llm=None) -> dict:

@@ -262,3 +262,26 @@ def test_paired_compare_pools_seeds_and_matches_rows_by_user(tmp_path):
     assert paired.sasrec_hits(str(s), recs) == {"0": 1, "1": 1, "2": 1, "3": 0, "4": 0, "5": 0}
     with pytest.raises(ValueError, match="pair them one to one"):
         paired.compare([a], [a, b], recs)
+
+
+def test_paired_reads_the_popular_rule_and_an_llm_runs_other_readouts(tmp_path):
+    from types import SimpleNamespace
+
+    from rsllm_jax.eval import paired
+
+    recs = [dict(user=str(u), history=[0, 1], target=2 + u % 3, candidates=[2, 3, 4]) for u in range(6)]
+    train = [dict(user="t", history=[3, 3, 3], target=3), dict(user="t2", history=[3, 2], target=4)]
+    split = SimpleNamespace(train=train, num_items=5)
+    # Item 3 has the most training interactions (users t and t2): hits where the target is 3.
+    assert paired.run_hits("popular", recs, split) == {str(u): int(u % 3 == 1) for u in range(6)}
+    d = tmp_path / "run"
+    (d / "likelihood").mkdir(parents=True)
+    (d / "likelihood" / "predictions_test.jsonl").write_text("".join(
+        json.dumps(dict(user=str(u), grounded_hit=u < 2, likelihood_target_rank=1 + u % 2)) + "\n" for u in range(6)))
+    assert paired.run_hits(f"{d}:grounded", recs) == {str(u): int(u < 2) for u in range(6)}
+    assert paired.run_hits(f"{d}:likelihood", recs) == {str(u): int(u % 2 == 0) for u in range(6)}
+    r = paired.compare(["popular"], [f"{d}:grounded"], recs, split)
+    assert (r["base_hits"], r["new_hits"], r["new_only"], r["base_only"]) == (2, 2, 1, 1)
+    (d / "likelihood" / "predictions_test.jsonl").write_text(json.dumps(dict(user="0", hit=True)) + "\n")
+    with pytest.raises(ValueError, match="grounded_hit"):
+        paired.run_hits(f"{d}:grounded", recs)

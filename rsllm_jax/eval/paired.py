@@ -8,6 +8,11 @@ candidate with the highest logit is its answer, as `eval_scores` picks it). Seve
 side (one per seed) are pooled: the i-th of --base is paired with the i-th of --new, rows stay
 paired inside each pair. Rows are matched by their user (one test row per user), so a run that scored
 a subset (`eval.max_rows`) is compared on the rows it has.
+
+Besides a directory, a side may name `popular` (the user-blind rule: the candidate with the most training
+interactions) or an LLM run's other readout: `DIR:grounded` (grounded answers, `grounded_hit`) or
+`DIR:likelihood` (the likelihood readout's top candidate), both read from `DIR/likelihood/`, where the
+experiments driver's `--likelihood` evaluation writes them.
 """
 from __future__ import annotations
 
@@ -44,17 +49,44 @@ def sasrec_hits(run_dir: str, test_records: Sequence[dict]) -> dict[str, int]:
             for r, s in zip(test_records, states)}
 
 
-def llm_hits(run_dir: str) -> dict[str, int]:
-    """User -> 1 if the run's generated answer named exactly the target (LLaRA's HitRatio@1 hit)."""
-    path = os.path.join(run_dir, "predictions_test.jsonl")
+READOUTS = {  # DIR:<readout> -> (subdirectory, the prediction's hit)
+    "grounded": ("likelihood", lambda p: p["grounded_hit"]),
+    "likelihood": ("likelihood", lambda p: p["likelihood_target_rank"] == 1),
+}
+
+
+def llm_hits(run_dir: str, readout: str = "") -> dict[str, int]:
+    """User -> 1 if the run's generated answer named exactly the target (LLaRA's HitRatio@1 hit), or if
+    the named readout's answer is the target."""
+    sub, hit = READOUTS[readout] if readout else ("", lambda p: p["hit"])
+    path = os.path.join(run_dir, sub, "predictions_test.jsonl")
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {str(p["user"]): int(bool(p["hit"])) for p in rows}
+    try:
+        return {str(p["user"]): int(bool(hit(p))) for p in rows}
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e} in its predictions (evaluate with that readout on)") from None
 
 
-def run_hits(run_dir: str, test_records: Sequence[dict]) -> dict[str, int]:
+def popular_hits(train_records: Sequence[dict], test_records: Sequence[dict], num_items: int) -> dict[str, int]:
+    """User -> 1 if the candidate with the most training interactions is the target (first listed on ties)."""
+    from rsllm_jax.data.splits import item_train_counts
+
+    counts = item_train_counts(train_records, num_items)
+    return {str(r["user"]): int(r["candidates"][int(np.argmax(counts[r["candidates"]]))] == r["target"])
+            for r in test_records}
+
+
+def run_hits(run_dir: str, test_records: Sequence[dict], split=None) -> dict[str, int]:
     from rsllm_jax.train import user_states
 
+    if run_dir == "popular":
+        if split is None:
+            raise ValueError("'popular' needs the split's training records")
+        return popular_hits(split.train, test_records, split.num_items)
+    head, _, readout = run_dir.rpartition(":")
+    if head and readout in READOUTS:
+        return llm_hits(head, readout)
     if os.path.exists(os.path.join(run_dir, "predictions_test.jsonl")):
         return llm_hits(run_dir)
     if os.path.exists(os.path.join(run_dir, user_states.FILENAME)):
@@ -63,13 +95,13 @@ def run_hits(run_dir: str, test_records: Sequence[dict]) -> dict[str, int]:
                             "(a stage-0 run)")
 
 
-def compare(base_dirs: Sequence[str], new_dirs: Sequence[str], test_records: Sequence[dict]) -> dict:
+def compare(base_dirs: Sequence[str], new_dirs: Sequence[str], test_records: Sequence[dict], split=None) -> dict:
     """Pooled over the (base, new) pairs: hits of each, discordant rows, the sign-test p-value."""
     if len(base_dirs) != len(new_dirs):
         raise ValueError(f"--base has {len(base_dirs)} runs and --new {len(new_dirs)}: pair them one to one")
     base, new, pairs = [], [], []
     for b_dir, n_dir in zip(base_dirs, new_dirs):
-        b, n = run_hits(b_dir, test_records), run_hits(n_dir, test_records)
+        b, n = run_hits(b_dir, test_records, split), run_hits(n_dir, test_records, split)
         rows = sorted(set(b) & set(n))
         if not rows:
             raise ValueError(f"{b_dir} and {n_dir} share no test rows")
@@ -87,7 +119,8 @@ def main(argv) -> None:
     from rsllm_jax.data.splits import load_split
 
     f = flags.FLAGS
-    result = compare(f.base.split(","), f.new.split(","), load_split(f.dataset).test)
+    split = load_split(f.dataset)
+    result = compare(f.base.split(","), f.new.split(","), split.test, split)
     print(json.dumps(result, indent=1))
     if f.out:
         from rsllm_jax.train.run_log import write_json_atomic

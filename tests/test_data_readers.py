@@ -244,3 +244,26 @@ def test_custom_reader_formats(tmp_path):
     a, b = readers.read_custom_interactions(csv_path), readers.read_custom_interactions(tsv_path)
     pd.testing.assert_frame_equal(a.drop(columns="line"), b.drop(columns="line"))
     assert a["item"].tolist() == ["x, y", "b"] and a["timestamp"].iloc[0] > a["timestamp"].iloc[1]
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_llara_pickle_runs_no_code(tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "Val_data.df"
+    path.write_bytes(pickle.dumps({"seq": _Hostile()}))
+    with pytest.raises(DataError, match=r"Val_data.df.*refusing to unpickle (posix|os|nt)\.system"):
+        readers.read_llara_rows(path, pad_id=5)
+    assert not (tmp_path / "pwned").exists()
+    # A pickle of something other than a DataFrame, and a file that is not a pickle at all.
+    path.write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(DataError, match="holds a list, not a DataFrame"):
+        readers.read_llara_rows(path, pad_id=5)
+    path.write_text("seq,len_seq,next\n")
+    with pytest.raises(DataError, match="not a pickle file"):
+        readers.read_llara_rows(path, pad_id=5)

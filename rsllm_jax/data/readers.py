@@ -431,6 +431,44 @@ def llara_split_path(directory: PathLike, stem: str) -> pathlib.Path:
     raise missing_file(directory / f"{stem}.jsonl", f"LLaRA split {stem} (.jsonl or .df)")
 
 
+# What a pickled pandas DataFrame of plain columns needs, and nothing else: LLaRA ships its splits as
+# `DataFrame.to_pickle` files, and an unrestricted unpickler would run any callable a hostile file names.
+_FRAME_GLOBALS = frozenset({
+    ("builtins", "slice"), ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("pandas._libs.internals", "_unpickle_block"), ("pandas.core.frame", "DataFrame"),
+    ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.base", "Index"),
+    ("pandas.core.indexes.range", "RangeIndex"), ("pandas.core.internals.managers", "BlockManager"),
+    # pandas >= 3 pickles: public names, and its string columns
+    ("pandas", "DataFrame"), ("pandas", "Index"), ("pandas", "RangeIndex"), ("pandas", "StringDtype"),
+    ("pandas.arrays", "StringArray"), ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+})
+
+
+def read_frame_pickle(path: PathLike) -> pd.DataFrame:
+    """A `DataFrame.to_pickle` file, unpickled with only the globals a plain DataFrame needs (no code)."""
+    import pickle
+
+    class FrameUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _FRAME_GLOBALS:
+                raise DataError(f"refusing to unpickle {module}.{name}: not part of a plain pandas DataFrame",
+                                path=path, hint="a .df split may only hold a DataFrame; use the .jsonl copy")
+            return super().find_class(module.replace("numpy.core.", "numpy._core."), name)
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        if head[:1] != b"\x80":
+            raise DataError("not a pickle file", path=path, hint="expected DataFrame.to_pickle output or a .jsonl split")
+        df = FrameUnpickler(f).load()
+    if not isinstance(df, pd.DataFrame):
+        raise DataError(f"the pickle holds a {type(df).__name__}, not a DataFrame", path=path)
+    return df
+
+
 def read_llara_rows(path: PathLike, pad_id: int) -> list[dict]:
     """LLaRA rows (`seq` = left-aligned ids padded with `pad_id`, `len_seq`, `next`).
 
@@ -458,7 +496,9 @@ def read_llara_rows(path: PathLike, pad_id: int) -> list[dict]:
         if not path.is_file():
             raise missing_file(path, "LLaRA split")
         try:
-            df = pd.read_pickle(path)
+            df = read_frame_pickle(path)
+        except DataError:
+            raise
         except Exception as e:  # a corrupt pickle can raise nearly anything
             raise DataError(f"cannot unpickle ({type(e).__name__}: {e})", path=path,
                             hint="use the .jsonl copy instead") from e

@@ -155,6 +155,8 @@ def get_config():
 
     # ---- run ----
     c.log_every_steps = 50
+    # NaN/Inf guard (every trainer): a non-finite step is skipped and logged; this many in a row stop the run.
+    c.max_nonfinite_steps = 5
     add_mesh(c)
     return c
 

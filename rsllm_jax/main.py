@@ -85,6 +85,12 @@ def main(argv) -> None:
             f"--workdir={workdir}: run directories are written with plain file I/O (metrics appended line by "
             "line, numpy exports, absl logs); mount the bucket (gcsfuse, as launch/tpu_pod.sh does) or use a "
             "shared filesystem and pass that path")
+    from rsllm_jax.config_check import ConfigError, check
+
+    try:
+        check(cfg, num_devices=jax.device_count(), workdir=workdir)
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from None
     os.makedirs(workdir, exist_ok=True)
     # One log file per process (absl names it after the host and pid); only process 0 writes the rest.
     logging.get_absl_handler().use_absl_log_file("log", workdir)

@@ -66,16 +66,18 @@ def gradient_clipping(max_norm: float, scope: str = "global") -> optax.GradientT
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
     """opt_cfg: lr, warmup_fraction, min_lr_ratio, b1, b2, eps, weight_decay, weight_decay_regex,
-    max_grad_norm, clip_scope. Applied to the trainable subtree only, so frozen weights carry no
+    max_grad_norm, clip_scope. Updates with non-finite gradients are skipped. Applied to the trainable subtree only, so frozen weights carry no
     Adam state."""
+    from rsllm_jax.train.nonfinite import skip_nonfinite
+
     schedule = schedule_for(opt_cfg, total_steps)
-    return optax.chain(
+    return skip_nonfinite(optax.chain(
         gradient_clipping(opt_cfg.max_grad_norm, opt_cfg.get("clip_scope", "global")),
         optax.adamw(
             schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
             mask=lambda p: regex_mask(p, opt_cfg.weight_decay_regex),
         ),
-    )
+    ))  # a step with non-finite gradients changes nothing (train/nonfinite.py)
 
 
 def count_params(tree) -> int:

@@ -31,6 +31,7 @@ from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax.checkpoint.run_dirs import has_checkpoint, sibling_dir
 from rsllm_jax.data.prompt_pipeline import SasrecOrder, TrainExample, train_batches
+from rsllm_jax.train.nonfinite import NonFiniteGuard
 from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings, repad
 from rsllm_jax.data.splits import SplitData, load_split_from_config
 from rsllm_jax.eval.evaluate import Evaluator, params_fingerprint
@@ -246,6 +247,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
         raise ValueError("config.train.eval_every_steps > 0 picks the best step by generated answers' accuracy: "
                          "keep config.eval.generate=True (or set eval_every_steps=0)")
     log = MetricsLog(workdir)
+    guard = NonFiniteGuard(cfg.get("max_nonfinite_steps", 5), stage, workdir, log, hint="lower config.optim.lr")
     step_fn = None
     start = int(state.step)
     progress = Progress(total_steps, start, desc=f"{stage}[{'+'.join(splits)}]")
@@ -263,13 +265,9 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
             batch = sharding.global_batch(host_batch, mesh)
             state, metrics = step_fn(state, batch, rng)
             done = step + 1
-            if done % cfg.log_every_steps == 0 or done == total_steps or done == start + 1:
+            finite = guard.check(done, {k: metrics[k] for k in ("loss", "grad_norm")})
+            if finite and (done % cfg.log_every_steps == 0 or done == total_steps or done == start + 1):
                 m = jax.device_get(metrics)
-                if not all(np.isfinite(float(v)) for v in m.values()):
-                    raise FloatingPointError(
-                        f"{stage}: non-finite loss at step {done} ({ {k: float(v) for k, v in m.items()} }); "
-                        f"the last good checkpoint in {workdir}/checkpoints is untouched. Lower config.optim.lr "
-                        "and resume.")
                 rate = progress.update(done - progress.bar.n, tokens_since,
                                        {k: m[k] for k in ("loss", "nip", "l_ut", "l_tt")}, item_name="tok")
                 log.write(dict(step=done, tokens_per_s=rate, lr=float(lr_schedule(step)),

@@ -26,6 +26,7 @@ from rsllm_jax.data.splits import SplitData, eval_subset, load_split_from_config
 from rsllm_jax.eval import ranking
 from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table, set_item_tables
 from rsllm_jax.train import user_states
+from rsllm_jax.train.nonfinite import NonFiniteGuard, skip_nonfinite
 from rsllm_jax.train.sasrec_step import eval_scores, train_step
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
 
@@ -72,7 +73,7 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
         raise ValueError(f"config.sasrec.batch_size={bs} exceeds the {len(split.train)} training samples")
     total_steps = steps_per_epoch * cfg.sasrec.epochs
 
-    tx = optax.adamw(cfg.sasrec.lr, b1=0.9, b2=0.98, weight_decay=cfg.sasrec.weight_decay)
+    tx = skip_nonfinite(optax.adamw(cfg.sasrec.lr, b1=0.9, b2=0.98, weight_decay=cfg.sasrec.weight_decay))
     if side_table is not None:
         # The side table is data: no updates (not even weight decay) and no optimizer state.
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
@@ -110,6 +111,7 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
         state = jax.jit(init_state, out_shardings=state_sh)(rng)
 
     log = MetricsLog(workdir)
+    guard = NonFiniteGuard(cfg.get("max_nonfinite_steps", 5), "sasrec", workdir, log, hint="lower config.sasrec.lr")
     t_mark = time.time()
     start_step = int(state["step"])
     progress = Progress(total_steps, start_step, desc=f"sasrec[{split.dataset}]")
@@ -121,16 +123,12 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
         for step in range(start_step, end_step):
             batch = sharding.global_batch(next(data_iter), mesh)
             state, metrics = step_fn(state, batch, rng)
-            loss_acc, n_acc = loss_acc + metrics["loss"], n_acc + 1
             done = step + 1
-            if done % cfg.log_every_steps == 0 or done == total_steps:
+            if guard.check(done, {"loss": metrics["loss"]}):
+                loss_acc, n_acc = loss_acc + metrics["loss"], n_acc + 1
+            if (done % cfg.log_every_steps == 0 or done == total_steps) and n_acc:
                 loss = float(loss_acc) / n_acc
-                if not np.isfinite(loss):
-                    raise FloatingPointError(
-                        f"SASRec loss became {loss} at step {done}; the last good checkpoint in "
-                        f"{workdir}/checkpoints is untouched. Lower config.sasrec.lr and resume."
-                    )
-                rate = progress.update(n_acc, n_acc * bs, {"loss": loss})
+                rate = progress.update(done - progress.bar.n, n_acc * bs, {"loss": loss})
                 log.write({"step": done, "epoch": done / steps_per_epoch, "loss": loss, "samples_per_s": rate})
                 loss_acc, n_acc = 0.0, 0
             if done % steps_per_epoch:

@@ -17,7 +17,7 @@ rows a selected row depends on. `--sasrec_dir` / `--stage1_dir` point those two 
 runs (one for every seed), e.g. to try a stage-2 setting under a new --root without repeating stages 0-1.
 
 Rows (see ROWS): sasrec, zero_shot, text_ft, llara_like, rsllm, the ablations no_ut, no_tt, no_stage1,
-id_only, and the user-learning levers user_slot, distill, user_distill, ranked, ranked_user_distill. Flag precedence in each command, lowest first: the per-dataset learning rate (LLaRA's: 8e-4
+id_only, and the user-learning levers user_slot, distill, user_distill, ranked, ranked_user_distill. Flag precedence in each command, lowest first: for stage-2 rows the budget and candidate order configs/stage2.py had before it took the winning recipe (_STAGE2_BASE), then the per-dataset learning rate (LLaRA's: 8e-4
 MovieLens, 7e-4 LastFM, 5e-4 Steam; --lr overrides) < the flags after `--` (every LLM row; the
 `--config.data.*` ones and `--config.eval.max_rows` also reach stage 0, whose item ids and test rows must
 match) < what defines the row (its loss weights, prompts, stages, dataset, seed, dependency dirs) <
@@ -76,6 +76,12 @@ class Row:
 
 
 _STAGE2 = (("stage2.build_missing", "False"),)
+# The lowest layer of every stage-2 row: configs/stage2.py's budget and prompt order before the embedded
+# default took the winning recipe, so every row (and every committed table's command) means what it did;
+# the flags after `--` and a row's definition override it.
+_STAGE2_BASE = (("prompts.candidate_order", "given"), ("train.max_train_samples", "384"), ("train.batch_size", "32"),
+                ("train.grad_accum_steps", "8"), ("train.checkpoint_every_steps", "2"),
+                ("stage2.stage1_train_samples", "192"))
 _USER_SLOT = (("prompts.user_slot", "True"),)
 _DISTILL = (("loss.weight_distill", "1.0"), ("loss.distill_temperature", "1.0"))
 _RANKED = (("prompts.candidate_order", "sasrec"),)
@@ -330,7 +336,8 @@ def _plan_one(opts, row: Row, seed: int, lr) -> Run:
         dep_seed = _seed_of(opts, dep, seed)
         defining.append(_cfg(DEPENDENCY_FLAG[dep], row_workdir(opts, ROW_BY_NAME[dep], dep_seed)))
         deps.append(f"{dep}-s{dep_seed}")
-    flags, replaced = _merge(common, defining, opts.row_flags.get(row.name, []))
+    base = [_cfg(k, v) for k, v in _STAGE2_BASE] if row.kind == "stage2" else []
+    flags, replaced = _merge(base, common, defining, opts.row_flags.get(row.name, []))
     dropped = [old for key, old in replaced.items() if old in opts.extra]
     cmd = [sys.executable, "-m", "rsllm_jax.main", f"--config={opts.config_paths[row.kind]}",
            f"--workdir={workdir}", *flags]

@@ -147,7 +147,7 @@ def test_likelihood_runs_follow_each_llm_row(tmp_path):
 
 def test_rows_selection_lr_and_reused_sasrec(tmp_path):
     opts = ex.parse_args(["--dataset=steam", f"--root={tmp_path}", "--rows=no_tt", "--sasrec_dir=runs/sasrec-steam",
-                          "--seeds=3,4", "--row_flag=text_ft:--config.train.max_train_samples=384"])
+                          "--seeds=3,4", "--row_flag=text_ft:--config.train.max_train_samples=512"])
     runs = {r.key: r for r in ex.plan_runs(opts)}
     # Dependencies are added; one shared stage-0 run when it is reused.
     assert list(runs) == ["sasrec-s3", "text_ft-s3", "no_tt-s3", "text_ft-s4", "no_tt-s4"]
@@ -156,8 +156,8 @@ def test_rows_selection_lr_and_reused_sasrec(tmp_path):
         f = _flags(runs[f"no_tt-s{s}"].command)
         assert f["--config.stage2.sasrec_dir"] == "runs/sasrec-steam"
         assert float(f["--config.optim.lr"]) == 5e-4
-        assert f.get("--config.train.max_train_samples") != "384"  # a row flag reaches its row only
-        assert _flags(runs[f"text_ft-s{s}"].command)["--config.train.max_train_samples"] == "384"
+        assert f.get("--config.train.max_train_samples") != "512"  # a row flag reaches its row only
+        assert _flags(runs[f"text_ft-s{s}"].command)["--config.train.max_train_samples"] == "512"
     opts = ex.parse_args(["--dataset=lastfm", "--rows=sasrec,text_ft", "--lr=1e-4", "--configs=tiny"])
     (sas, ft) = ex.plan_runs(opts)
     assert float(_flags(ft.command)["--config.optim.lr"]) == 1e-4
@@ -291,7 +291,7 @@ def test_collect_from_fake_workdirs(tmp_path):
     assert r0["status"] == "finished" and r0["seed"] == 0
     assert r0["metrics"] == dict(valid_ratio=0.9, hit_ratio_at_1=0.4, accuracy=0.36, two_tower_hr1=0.2, hr10=0.1,
                                  ndcg10=0.05, n=95, likelihood_hr1=0.2, likelihood_sum_hr1=0.1, likelihood_mean_rank=6.0,
-                                 likelihood_copy_nats=None, likelihood_choice_nats=None)
+                                 likelihood_copy_nats=None, likelihood_choice_nats=None, grounded_hr1=None)
     assert runs["text_ft-s0"]["metrics"]["likelihood_hr1"] is None  # evaluated on other rows: not mixed in
     assert (r0["train_samples"], r0["steps"], r0["wall_time_s"]) == (384, 12, 120.0)
     assert "--config.stage2.stage1_dir=" + str(d / "text_ft-s0") in r0["command"]
@@ -315,7 +315,8 @@ def test_collect_from_fake_workdirs(tmp_path):
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in md.splitlines() if line.startswith("| `")}
     assert list(table) == ["`sasrec`", "`zero_shot`", "`text_ft`", "`rsllm`", "`no_ut`"]
-    # what | seeds | ValidRatio | HitRatio@1 | accuracy | 2T HR@1 | LL HR@1 | HR@10 | NDCG@10 | samples | steps | wall
+    # what | seeds | ValidRatio | HitRatio@1 | accuracy | 2T HR@1 | LL HR@1 | grounded HR@1 | HR@10 | NDCG@10 |
+    # samples | steps | wall
     rs = table["`rsllm`"]
     assert rs[1] == "2/2"
     assert rs[2] == f"0.8500 ± {np.std([0.9, 0.8], ddof=1):.4f}"
@@ -323,7 +324,8 @@ def test_collect_from_fake_workdirs(tmp_path):
     assert rs[4] == f"0.3800 ± {np.std([0.36, 0.40], ddof=1):.4f}"
     assert rs[5] == f"0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f}"
     assert rs[6] == f"0.2500 ± {np.std([0.2, 0.3], ddof=1):.4f}"
-    assert rs[9:] == ["384", "12", f"2.5 ± {np.std([120, 180], ddof=1) / 60:.1f} min"]
+    assert rs[7] == "—"  # no grounded readout in these runs
+    assert rs[10:] == ["384", "12", f"2.5 ± {np.std([120, 180], ddof=1) / 60:.1f} min"]
     assert table["`text_ft`"][1] == "1/2" and table["`text_ft`"][3] == "0.3000" and table["`text_ft`"][5] == "—"
     assert table["`text_ft`"][6] == "—" and table["`sasrec`"][6] == "—"
     assert table["`sasrec`"][2] == "—" and table["`sasrec`"][3] == f"0.3500 ± {np.std([0.3, 0.4], ddof=1):.4f}"

@@ -39,6 +39,7 @@ from rsllm_jax.p2rec.common import (
     TitlePrompts, pooled_states, restore_subtree, run_batched, sasrec_config_from_params,
 )
 from rsllm_jax.train import step as step_lib
+from rsllm_jax.train.nonfinite import NonFiniteGuard
 from rsllm_jax.train.optimizer import count_params, make_optimizer, schedule_for
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.rsllm_trainer import subsample
@@ -333,6 +334,8 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
                     top1_agree=float(np.mean(logits.argmax(-1) == val_prior.argmax(-1))))
 
     log = MetricsLog(workdir)
+    guard = NonFiniteGuard(cfg.get("max_nonfinite_steps", 5), "p2rec reconstruct", workdir, log,
+                           hint="lower config.optim.lr")
     start = int(state.step)
     progress = Progress(total_steps, start, desc=f"p2rec_reconstruct[{split.dataset}]")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -340,11 +343,9 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
             batch = sharding.global_batch(next(data_iter), mesh)
             state, metrics = step_fn(state, batch, rng)
             done = step + 1
-            if done % cfg.log_every_steps == 0 or done == total_steps or done == start + 1:
+            finite = guard.check(done, metrics)
+            if finite and (done % cfg.log_every_steps == 0 or done == total_steps or done == start + 1):
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(np.isfinite(list(m.values()))):
-                    raise FloatingPointError(f"p2rec reconstruct: non-finite loss at step {done} ({m}); the last good "
-                                             f"checkpoint in {workdir}/checkpoints is untouched. Lower config.optim.lr.")
                 progress.update(done - progress.bar.n, (done - progress.bar.n) * bs, m, item_name="users")
                 log.write(dict(step=done, lr=float(lr_schedule(step)), **m))
             improved = False

@@ -40,9 +40,14 @@ def popularity_percentile(counts: np.ndarray, candidates: Sequence[int], item: i
     return float(((counts[others] < counts[item]).sum() + 0.5 * (counts[others] == counts[item]).sum()) / len(others))
 
 
+def most_popular_hits(records: Sequence[dict], counts: np.ndarray) -> list[bool]:
+    """Per row: is the candidate with the most training interactions (first listed on ties) the target?"""
+    return [r["candidates"][int(np.argmax(counts[r["candidates"]]))] == r["target"] for r in records]
+
+
 def most_popular_hr1(records: Sequence[dict], counts: np.ndarray) -> float:
     """HR@1 of naming the candidate with the most training interactions (first listed on ties)."""
-    hits = [r["candidates"][int(np.argmax(counts[r["candidates"]]))] == r["target"] for r in records]
+    hits = most_popular_hits(records, counts)
     return float(np.mean(hits)) if hits else float("nan")
 
 

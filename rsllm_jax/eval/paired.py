@@ -71,10 +71,10 @@ def llm_hits(run_dir: str, readout: str = "") -> dict[str, int]:
 def popular_hits(train_records: Sequence[dict], test_records: Sequence[dict], num_items: int) -> dict[str, int]:
     """User -> 1 if the candidate with the most training interactions is the target (first listed on ties)."""
     from rsllm_jax.data.splits import item_train_counts
+    from rsllm_jax.eval.answer_bias import most_popular_hits
 
-    counts = item_train_counts(train_records, num_items)
-    return {str(r["user"]): int(r["candidates"][int(np.argmax(counts[r["candidates"]]))] == r["target"])
-            for r in test_records}
+    hits = most_popular_hits(test_records, item_train_counts(train_records, num_items))
+    return {str(r["user"]): int(h) for r, h in zip(test_records, hits)}
 
 
 def run_hits(run_dir: str, test_records: Sequence[dict], split=None) -> dict[str, int]:

@@ -29,8 +29,7 @@ class NonFiniteGuard:
         if max_in_a_row < 1:
             raise ValueError(f"max_nonfinite_steps={max_in_a_row}: expected >= 1")
         self.max_in_a_row, self.what, self.workdir, self.log, self.hint = max_in_a_row, what, workdir, log, hint
-        self.in_a_row = 0
-        self.skipped: list[int] = []
+        self.in_a_row, self.streak_start = 0, 0
 
     def check(self, step: int, metrics: dict) -> bool:
         """True when step `step`'s metrics (loss, grad norm, ...) are all finite. Otherwise logs the skip and,
@@ -40,7 +39,8 @@ class NonFiniteGuard:
             self.in_a_row = 0
             return True
         self.in_a_row += 1
-        self.skipped.append(step)
+        if self.in_a_row == 1:
+            self.streak_start = step
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         logging.warning("%s: step %d is non-finite (%s): update skipped, parameters unchanged (%d in a row)",
                         self.what, step, bad, self.in_a_row)
@@ -48,7 +48,7 @@ class NonFiniteGuard:
             self.log.write(dict(step=step, nonfinite=1, **{k: str(v) for k, v in bad.items()}))
         if self.in_a_row >= self.max_in_a_row:
             raise FloatingPointError(
-                f"{self.what}: {self.in_a_row} non-finite steps in a row (steps {self.skipped[-self.in_a_row]}-{step}, "
+                f"{self.what}: {self.in_a_row} non-finite steps in a row (steps {self.streak_start}-{step}, "
                 f"{sorted(bad)}); no update was applied from them, and the last checkpoint in "
                 f"{self.workdir}/checkpoints holds the last good parameters: {self.hint} and resume")
         return False

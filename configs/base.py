@@ -79,6 +79,10 @@ def get_config():
     # Order the candidates are shown in: "given" (sampled / the split's frozen order) or "sasrec" (best
     # first by SASRec's logit: SASRec retrieves-and-ranks, the LLM re-ranks the ranked list; stage 2 only).
     c.prompts.candidate_order = "given"
+    # With candidate_order="sasrec": K >= 2 orders each training window by a SASRec trained without its
+    # user (K user folds, train/crossfit.py), so training shows SASRec's test-time accuracy, not its
+    # training accuracy. 0 = the full model orders every window.
+    c.prompts.crossfit_folds = 0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.weight_tt = 0.1  # a: L_TT = InfoNCE(v_T|U -> v_T)

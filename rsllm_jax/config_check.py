@@ -72,3 +72,11 @@ def check(cfg, *, num_devices: int, workdir: str | None = None) -> None:
         if bs % n_batch:
             raise ConfigError(f"config.train.batch_size={bs} is not divisible by the {n_batch} data-parallel devices "
                               f"(mesh data x fsdp = {dims[0]} x {dims[1]})")
+    folds = cfg.prompts.get("crossfit_folds", 0)
+    if stage in LLM_STAGES and folds:
+        if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+            raise ConfigError(f"config.prompts.crossfit_folds={folds!r}: expected 0 (off) or an integer >= 2")
+        if cfg.prompts.get("candidate_order", "given") != "sasrec":
+            raise ConfigError("config.prompts.crossfit_folds is set but config.prompts.candidate_order="
+                              f"{cfg.prompts.get('candidate_order', 'given')!r}: cross-fitting changes only the "
+                              "SASRec order of the training windows; set candidate_order='sasrec'")

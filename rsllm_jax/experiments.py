@@ -17,7 +17,7 @@ rows a selected row depends on. `--sasrec_dir` / `--stage1_dir` point those two 
 runs (one for every seed), e.g. to try a stage-2 setting under a new --root without repeating stages 0-1.
 
 Rows (see ROWS): sasrec, zero_shot, text_ft, llara_like, rsllm, the ablations no_ut, no_tt, no_stage1,
-id_only, and the user-learning levers user_slot, distill, user_distill, ranked, ranked_user_distill. Flag precedence in each command, lowest first: for stage-2 rows the budget and candidate order configs/stage2.py had before it took the winning recipe (_STAGE2_BASE), then the per-dataset learning rate (LLaRA's: 8e-4
+id_only, and the user-learning levers user_slot, distill, user_distill, ranked, ranked_cf, ranked_user_distill. Flag precedence in each command, lowest first: for stage-2 rows the budget and candidate order configs/stage2.py had before it took the winning recipe (_STAGE2_BASE), then the per-dataset learning rate (LLaRA's: 8e-4
 MovieLens, 7e-4 LastFM, 5e-4 Steam; --lr overrides) < the flags after `--` (every LLM row; the
 `--config.data.*` ones and `--config.eval.max_rows` also reach stage 0, whose item ids and test rows must
 match) < what defines the row (its loss weights, prompts, stages, dataset, seed, dependency dirs) <
@@ -111,6 +111,8 @@ ROWS = (
         _STAGE2 + _USER_SLOT + _DISTILL, needs=("sasrec", "text_ft")),
     Row("ranked", "stage2", "RSLLM re-ranking SASRec's order (candidates shown best first by SASRec)",
         _STAGE2 + _RANKED, needs=("sasrec", "text_ft")),
+    Row("ranked_cf", "stage2", "ranked, training windows ordered by a SASRec that never saw their user (2 user folds)",
+        _STAGE2 + _RANKED + (("prompts.crossfit_folds", "2"),), needs=("sasrec", "text_ft")),
     Row("ranked_user_distill", "stage2", "ranked + user slot + listwise distillation",
         _STAGE2 + _RANKED + _USER_SLOT + _DISTILL, needs=("sasrec", "text_ft")),
 )

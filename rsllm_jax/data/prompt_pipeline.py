@@ -28,16 +28,24 @@ from rsllm_jax.data.splits import sample_candidates
 class SasrecOrder:
     """Candidates shown best first by SASRec's logit (user_state . item_table[c]): SASRec as the
     retriever that ranks, the LLM as the re-ranker that reads the ranked list (LlamaRec-style two-stage).
-    The candidate set, the target and every readout stay as they are; only the order shown changes."""
+    The candidate set, the target and every readout stay as they are; only the order shown changes.
 
-    def __init__(self, item_table: np.ndarray):
+    `fold_tables` [K, items, hidden] (train/crossfit.py): a record carrying `order_fold` / `order_state`
+    is ordered by that held-out fold's SASRec instead (training windows), the others by the full model."""
+
+    def __init__(self, item_table: np.ndarray, fold_tables: np.ndarray | None = None):
         self.table = np.asarray(item_table, np.float32)
+        self.fold_tables = None if fold_tables is None else np.asarray(fold_tables, np.float32)
 
     def __call__(self, record: dict, candidates) -> list[int]:
-        if "user_state" not in record:
+        if self.fold_tables is not None and "order_fold" in record:
+            table, state = self.fold_tables[int(record["order_fold"])], record["order_state"]
+        elif "user_state" in record:
+            table, state = self.table, record["user_state"]
+        else:
             raise ValueError("config.prompts.candidate_order='sasrec' needs SASRec's user state on every record "
                              "(train/user_states.attach)")
-        scores = self.table[np.asarray(candidates, np.int64)] @ np.asarray(record["user_state"], np.float32)
+        scores = table[np.asarray(candidates, np.int64)] @ np.asarray(state, np.float32)
         return [int(candidates[i]) for i in np.argsort(-scores, kind="stable")]
 
 

@@ -98,36 +98,40 @@ def markdown(report: dict) -> str:
     return "\n".join(lines + table(report["runs"])) + "\n"
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/stage2.py", "A run config; only its data block is read.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["val", "test"], "Which predictions_<split>.jsonl to read.")
-_OUT = flags.DEFINE_string("out", "", "Write <out>.json and <out>.md (default: print only).")
+def _define_flags() -> None:
+    """Only when run as a command: other tools import this module's functions with their own flags."""
+    config_flags.DEFINE_config_file("config", "configs/stage2.py", "A run config; only its data block is read.")
+    flags.DEFINE_enum("split", "test", ["val", "test"], "Which predictions_<split>.jsonl to read.")
+    flags.DEFINE_string("out", "", "Write <out>.json and <out>.md (default: print only).")
 
 
 def main(argv) -> None:
     run_dirs = argv[1:]
     if not run_dirs:
         raise app.UsageError("give one or more run directories holding predictions_<split>.jsonl")
-    cfg = _CONFIG.value
+    f = flags.FLAGS
+    cfg, split_name, out = f.config, f.split, f.out
     split = load_split_from_config(cfg.data)
-    records = getattr(split, _SPLIT.value)
+    records = getattr(split, split_name)
     counts = item_train_counts(split.train, split.num_items)
     runs = {}
     for d in run_dirs:
-        path = os.path.join(d, f"predictions_{_SPLIT.value}.jsonl")
+        path = os.path.join(d, f"predictions_{split_name}.jsonl")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found: {d} is not a finished LLM run (or evaluated another split)")
         runs[os.path.basename(os.path.normpath(d))] = answer_bias(read_predictions(path), records, counts)
-    report = dict(dataset=split.dataset, split=_SPLIT.value, rows=len(records),
+    report = dict(dataset=split.dataset, split=split_name, rows=len(records),
                   num_candidates=len(records[0]["candidates"]), most_popular_hr1=most_popular_hr1(records, counts),
                   runs=runs)
     text = markdown(report)
     print(text)
-    if _OUT.value:
-        os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-        write_json_atomic(_OUT.value + ".json", report)
-        with open(_OUT.value + ".md", "w") as f:
-            f.write(text)
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        write_json_atomic(out + ".json", report)
+        with open(out + ".md", "w") as fh:
+            fh.write(text)
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

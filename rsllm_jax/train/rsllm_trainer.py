@@ -46,7 +46,7 @@ from rsllm_jax.train.optimizer import (
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.nce_pool import nce_pool_size
 from rsllm_jax.train.rsllm_step import rsllm_objective
-from rsllm_jax.train import user_states
+from rsllm_jax.train import crossfit, user_states
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
 
 
@@ -74,7 +74,7 @@ def subsample(records: list, n: int, seed: int) -> list:
 CANDIDATE_ORDERS = ("given", "sasrec")
 
 
-def candidate_order(cfg, rec_table) -> SasrecOrder | None:
+def candidate_order(cfg, rec_table, fold_tables=None) -> SasrecOrder | None:
     """config.prompts.candidate_order -> the order object the pipelines apply (None: as sampled)."""
     order = cfg.prompts.get("candidate_order", "given")
     if order not in CANDIDATE_ORDERS:
@@ -84,7 +84,7 @@ def candidate_order(cfg, rec_table) -> SasrecOrder | None:
     if rec_table is None:
         raise ValueError("config.prompts.candidate_order='sasrec' needs SASRec's item table and user states: "
                          "it is a stage-2 option (unified prompts, config.prompts.use_ids=True)")
-    return SasrecOrder(rec_table)
+    return SasrecOrder(rec_table, fold_tables)
 
 
 def needs_user_states(cfg) -> bool:
@@ -165,6 +165,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.rules_from_config(cfg.mesh.rules)
     os.makedirs(workdir, exist_ok=True)
+    fold_tables, crossfit_stats = None, {}
 
     if stage == "stage1":
         datasets = tuple(cfg.stage1.datasets)
@@ -181,6 +182,15 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
             if is_writer():  # and the user states, for the eval stage
                 shutil.copyfile(os.path.join(sasrec_dir, user_states.FILENAME),
                                 os.path.join(workdir, user_states.FILENAME))
+        if cfg.prompts.get("crossfit_folds", 0) and cfg.prompts.get("candidate_order", "given") == "sasrec":
+            sp = splits[cfg.data.dataset]
+            fold_tables = crossfit.attach(sp, crossfit.ensure_folds(cfg, sasrec_dir, sp))
+            full = SasrecOrder(rec_table)
+            crossfit_stats = dict(crossfit_train_top1=crossfit.train_top1_accuracy(sp.train, fold_tables),
+                                  full_model_train_top1=float(np.mean(
+                                      [int(np.argmax(full.table @ r["user_state"]) == r["target"]) for r in sp.train])))
+            logging.info("cross-fit: training windows' HR@1 over all items, held-out fold %.4f vs full model %.4f",
+                         crossfit_stats["crossfit_train_top1"], crossfit_stats["full_model_train_top1"])
         target = cfg.data.dataset
         num_items, use_ids = splits[target].num_items, bool(cfg.prompts.use_ids)
     else:
@@ -204,7 +214,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                  len(records), n_all, bs, accum, bs // accum, total_steps, nce_pool_size(cfg.loss, bs, accum),
                  cfg.loss.nce_pool)
 
-    order = candidate_order(cfg, rec_table)
+    order = candidate_order(cfg, rec_table, fold_tables)
     example = TrainExample(
         builders, num_items={n: sp.num_items for n, sp in splits.items()}, num_candidates=cfg.data.num_candidates,
         seed=cfg.seed, batch_size=bs, use_ids=use_ids,
@@ -309,7 +319,8 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
     params = merge(state)
     item_cache = os.path.join(workdir, f"item_vectors_{params_fingerprint(state.trainable)}.npy")
     results = dict(stage=stage, dataset=target, eval_rows=splits[target].manifest.get("eval_rows"),
-                   best_step=best_step, train_samples=len(records), train_windows_available=n_all, steps=total_steps)
+                   best_step=best_step, train_samples=len(records), train_windows_available=n_all, steps=total_steps,
+                   **crossfit_stats)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for split_name in ("val", "test"):
             recs = getattr(splits[target], split_name)

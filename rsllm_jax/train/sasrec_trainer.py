@@ -53,10 +53,12 @@ def evaluate(model, params, records, cfg, mesh, eval_fn) -> dict:
 
 
 def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init: np.ndarray | None = None,
-                 side_table: np.ndarray | None = None, side_proj: bool = False) -> dict:
+                 side_table: np.ndarray | None = None, side_proj: bool = False,
+                 export_split: SplitData | None = None) -> dict:
     """`item_init` [num_items, hidden] initialises the item rows; `side_table` [num_items, d] is a frozen
     table added to every item vector (through a trained Dense when `side_proj`). Both are optional
-    (P2Rec's augmentation); without them this is plain stage 0."""
+    (P2Rec's augmentation); without them this is plain stage 0. `export_split` (default: `split`) is
+    the split whose user states are exported (a cross-fit fold trains on part of it, exports all of it)."""
     t_start = time.time()
     split = split or load_split_from_config(cfg.data)
     logging.info("dataset %s: %d items, %d train / %d val / %d test samples", split.dataset, split.num_items,
@@ -172,7 +174,7 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
         manifest=split.manifest,
     )
     if is_writer():
-        user_states.save(workdir, model, best_params, split)  # stage 2's user slot / distillation teacher
+        user_states.save(workdir, model, best_params, export_split or split)  # stage 2's user slot / distillation teacher
         table = np.asarray(item_table(best_params), dtype=np.float32)
         tmp = os.path.join(workdir, f"item_embeddings.tmp{os.getpid()}.npy")
         np.save(tmp, table)

@@ -13,6 +13,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from rsllm_jax.checkpoint.file_checks import WeightFileError, open_gguf
 from rsllm_jax.checkpoint.hf import Params, Shardings, build_params
 from rsllm_jax.models.llama import LlamaConfig
 
@@ -36,7 +37,13 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
 
 def dequantized(tensor: gguf.ReaderTensor) -> np.ndarray:
     """A GGUF tensor as fp32 in numpy (row-major, i.e. HF [out, in]) order."""
-    arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    try:
+        arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise WeightFileError(f"tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which the gguf "
+                              "package cannot dequantize in numpy: "
+                              "re-export the model as F32/F16/BF16/Q8_0 (llama.cpp's convert_hf_to_gguf.py "
+                              "--outtype)") from None
     return np.asarray(arr, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
@@ -83,8 +90,14 @@ def load_gguf(
     path: str | os.PathLike, *, param_dtype: Any = np.float32, shardings: Shardings = None, **config_overrides: Any
 ) -> tuple[LlamaConfig, Params]:
     """GGUF file -> (LlamaConfig, params); tensors are dequantized and placed one at a time."""
-    reader = gguf.GGUFReader(str(path))
-    config = gguf_config(reader, **config_overrides)
+    reader = open_gguf(path)
+    try:
+        config = gguf_config(reader, **config_overrides)
+    except ValueError as e:
+        raise WeightFileError(f"{path}: {e}") from None
+    except TypeError:  # int(None): a required llama.* key is absent
+        raise WeightFileError(f"{path}: incomplete llama metadata (llama.embedding_length, block_count, "
+                              "attention.head_count, ... are required)") from None
     tensors = {t.name: t for t in reader.tensors}
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
 
@@ -92,7 +105,10 @@ def load_gguf(
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight",))
         if gguf_name not in tensors:
             raise KeyError(f"{hf_name} ({gguf_name}) not in {path}")
-        w = dequantized(tensors[gguf_name])
+        try:
+            w = dequantized(tensors[gguf_name])
+        except WeightFileError as e:
+            raise WeightFileError(f"{path}: {e}") from None
         if gguf_name.endswith("attn_q.weight"):
             w = unpermute_qk(w, config.num_heads)
         elif gguf_name.endswith("attn_k.weight"):
@@ -112,7 +128,7 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     metadata = {name: field.contents() for name, field in reader.fields.items() if name.startswith("tokenizer.")}
     if "tokenizer.ggml.tokens" not in metadata:
         raise ValueError(f"{path}: no tokenizer in this GGUF (no tokenizer.ggml.tokens); pass a Hugging Face "

@@ -17,7 +17,9 @@ from typing import Any, Union
 import jax
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from rsllm_jax.checkpoint.file_checks import WeightFileError, check_safetensors
 from safetensors.numpy import save_file
 
 from rsllm_jax.models.llama import LlamaConfig, unstack_layers
@@ -134,13 +136,19 @@ def safetensors_reader(model_dir: str | os.PathLike) -> Iterator[Reader]:
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise WeightFileError(f"{index}: not a safetensors index (JSON with a 'weight_map'): {e!r}") from None
+        for fname in sorted(set(weight_map.values())):
+            if not (model_dir / fname).exists():
+                raise FileNotFoundError(f"{index} maps tensors to {fname}, which is not in {model_dir}")
+            check_safetensors(model_dir / fname)
     else:
         single = model_dir / "model.safetensors"
         if not single.exists():
             raise FileNotFoundError(f"no model.safetensors(.index.json) in {model_dir}")
-        with safe_open(single, framework="numpy") as f:
-            weight_map = {k: single.name for k in f.keys()}
+        weight_map = {k: single.name for k in check_safetensors(single) if k != "__metadata__"}
     with contextlib.ExitStack() as stack:
         handles: dict[str, Any] = {}
 
@@ -148,9 +156,12 @@ def safetensors_reader(model_dir: str | os.PathLike) -> Iterator[Reader]:
             if name not in weight_map:
                 raise KeyError(f"{name} not in checkpoint {model_dir}")
             fname = weight_map[name]
-            if fname not in handles:
-                handles[fname] = stack.enter_context(safe_open(model_dir / fname, framework="numpy"))
-            return handles[fname].get_tensor(name)
+            try:
+                if fname not in handles:
+                    handles[fname] = stack.enter_context(safe_open(model_dir / fname, framework="numpy"))
+                return handles[fname].get_tensor(name)
+            except SafetensorError as e:
+                raise WeightFileError(f"{model_dir / fname}: tensor {name!r} cannot be read ({e})") from None
 
         yield read
 

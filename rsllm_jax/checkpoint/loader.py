@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from rsllm_jax.checkpoint import gguf as gguf_ckpt
 from rsllm_jax.checkpoint import hf as hf_ckpt
+from rsllm_jax.checkpoint.file_checks import check_tokenizer_fits
 from rsllm_jax.checkpoint.smollm2 import ensure_smollm2
 from rsllm_jax.models.llama import LlamaConfig
 
@@ -45,4 +46,6 @@ def load_llm(
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, config.vocab_size, str(path))
     return config, params, tokenizer

@@ -91,5 +91,5 @@ def test_fold_models_never_see_their_users_and_stage2_trains_on_their_orders(tmp
     c2.stage2.sasrec_dir, c2.stage2.stage1_dir = "sasrec", "none"
     c2.prompts.candidate_order, c2.prompts.crossfit_folds = "sasrec", 2
     r2 = run_stage(c2, str(tmp_path / "stage2"), llm=tiny_llm())
-    assert 0.0 <= r2["crossfit_train_top1"] <= 1.0 and 0.0 <= r2["full_model_train_top1"] <= 1.0
+    assert 0.0 <= r2["crossfit_train_hr10"] <= 1.0 and 0.0 <= r2["full_model_train_hr10"] <= 1.0
     assert 0.0 <= r2["test"]["accuracy"] <= 1.0

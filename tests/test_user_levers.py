@@ -264,6 +264,36 @@ def test_paired_compare_pools_seeds_and_matches_rows_by_user(tmp_path):
         paired.compare([a], [a, b], recs)
 
 
+def test_paired_hits_files_stand_in_for_their_runs_and_are_refused_for_other_rows(tmp_path):
+    from rsllm_jax.eval import paired
+    from rsllm_jax.train.run_log import write_json_atomic
+
+    recs = [dict(user=str(u), history=[0, 1], target=2, candidates=[2, 3, 4]) for u in range(4)]
+    run = tmp_path / "exp" / "ranked_cf-s1"
+    run.mkdir(parents=True)
+    (run / "predictions_test.jsonl").write_text(
+        "".join(json.dumps(dict(user=str(u), hit=h)) + "\n" for u, h in enumerate([True, False, True, True])))
+    hits = paired.run_hits(str(run), recs)
+    assert paired.hits_file_name(str(run)) == "exp-ranked_cf-s1.json"
+    assert paired.hits_file_name(f"{run}:grounded") == "exp-ranked_cf-s1-grounded.json"
+    f = tmp_path / "h.json"
+    write_json_atomic(str(f), paired.hits_record(str(run), hits, "movielens", recs))
+    # The file gives the same hits and the same comparison as the run it came from.
+    assert paired.run_hits(str(f), recs) == hits == {"0": 1, "1": 0, "2": 1, "3": 1}
+    assert paired.compare([str(run)], [str(f)], recs)["new_only"] == 0
+    # Hits of other test rows (another split) are refused, naming the file and the field.
+    other = [dict(r, history=[1, 0]) for r in recs]
+    with pytest.raises(ValueError, match=r"h\.json: field 'test_checksum'"):
+        paired.run_hits(str(f), other)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(format=paired.HITS_FORMAT, hits={"0": 2})))
+    with pytest.raises(ValueError, match=r"bad\.json: field 'hits'"):
+        paired.run_hits(str(bad), recs)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json: not a readable hits file"):
+        paired.run_hits(str(bad), recs)
+
+
 def test_paired_reads_the_popular_rule_and_an_llm_runs_other_readouts(tmp_path):
     from types import SimpleNamespace
 

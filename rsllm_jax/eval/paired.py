@@ -13,6 +13,11 @@ Besides a directory, a side may name `popular` (the user-blind rule: the candida
 interactions) or an LLM run's other readout: `DIR:grounded` (grounded answers, `grounded_hit`) or
 `DIR:likelihood` (the likelihood readout's top candidate), both read from `DIR/likelihood/`, where the
 experiments driver's `--likelihood` evaluation writes them.
+
+Run directories are scratch (`runs/`), but a paired comparison pooled over seeds often spans machines:
+`--save_hits=DIR` writes each side's per-row hits as a small JSON file (user -> 0/1, with the dataset and
+the test rows' checksum), and a side may name such a `.json` file instead of a run directory, so the
+record of a run outlives it and is committed beside the tables.
 """
 from __future__ import annotations
 
@@ -77,9 +82,51 @@ def popular_hits(train_records: Sequence[dict], test_records: Sequence[dict], nu
     return {str(r["user"]): int(h) for r, h in zip(test_records, hits)}
 
 
+HITS_FORMAT = "rsllm_jax.paired_hits/1"
+
+
+def hits_record(source: str, hits: dict[str, int], dataset: str, test_records: Sequence[dict]) -> dict:
+    """The durable record of one side's per-row hits (what `--save_hits` writes)."""
+    from rsllm_jax.train import user_states
+
+    return dict(format=HITS_FORMAT, source=source, dataset=dataset, rows=len(hits), hit_count=int(sum(hits.values())),
+                test_checksum=user_states.histories_checksum(test_records), hits=dict(sorted(hits.items())))
+
+
+def load_hits_file(path: str, test_records: Sequence[dict]) -> dict[str, int]:
+    """User -> hit from a `--save_hits` file, refused (naming the file and field) if it is not one or if it
+    scored other test rows."""
+    from rsllm_jax.train import user_states
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable hits file ({e})") from None
+    if not isinstance(rec, dict) or rec.get("format") != HITS_FORMAT:
+        raise ValueError(f"{path}: field 'format' must be {HITS_FORMAT!r} (write it with --save_hits)")
+    hits = rec.get("hits")
+    if not isinstance(hits, dict) or not all(isinstance(v, int) and v in (0, 1) for v in hits.values()):
+        raise ValueError(f"{path}: field 'hits' must map each user to 0 or 1")
+    if rec.get("test_checksum") != user_states.histories_checksum(test_records):
+        raise ValueError(f"{path}: field 'test_checksum' says its hits belong to other test rows than "
+                         "this dataset's split")
+    return {str(u): int(h) for u, h in hits.items()}
+
+
+def hits_file_name(side: str) -> str:
+    """A file name for a side's hits: the run directory's last two parts and the readout."""
+    head, _, readout = side.rpartition(":")
+    run, readout = (head, readout) if head and readout in READOUTS else (side, "")
+    parts = [p for p in os.path.normpath(run).split(os.sep)[-2:] if p not in ("", ".")]
+    return "-".join(parts + ([readout] if readout else [])) + ".json"
+
+
 def run_hits(run_dir: str, test_records: Sequence[dict], split=None) -> dict[str, int]:
     from rsllm_jax.train import user_states
 
+    if run_dir.endswith(".json") and os.path.isfile(run_dir):
+        return load_hits_file(run_dir, test_records)
     if run_dir == "popular":
         if split is None:
             raise ValueError("'popular' needs the split's training records")
@@ -120,12 +167,21 @@ def main(argv) -> None:
 
     f = flags.FLAGS
     split = load_split(f.dataset)
-    result = compare(f.base.split(","), f.new.split(","), split.test, split)
+    from rsllm_jax.train.run_log import write_json_atomic
+
+    bases, news = f.base.split(","), f.new.split(",")
+    result = compare(bases, news, split.test, split)
     print(json.dumps(result, indent=1))
     if f.out:
-        from rsllm_jax.train.run_log import write_json_atomic
-
         write_json_atomic(f.out, result)
+    if f.save_hits:
+        os.makedirs(f.save_hits, exist_ok=True)
+        for side in dict.fromkeys(bases + news):
+            if side.endswith(".json"):
+                continue  # already a record
+            path = os.path.join(f.save_hits, f"{f.dataset}-{hits_file_name(side)}")
+            write_json_atomic(path, hits_record(side, run_hits(side, split.test, split), f.dataset, split.test))
+            print(f"hits of {side} -> {path}")
 
 
 if __name__ == "__main__":
@@ -135,4 +191,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("new", None, "comma-separated run dirs, paired one to one with --base", required=True)
     flags.DEFINE_string("dataset", "movielens", "the dataset whose test rows the runs scored")
     flags.DEFINE_string("out", "", "also write the result here (JSON)")
+    flags.DEFINE_string("save_hits", "", "also write each side's per-row hits into this directory (a side may "
+                                         "later name such a .json file instead of a run directory)")
     app.run(main)

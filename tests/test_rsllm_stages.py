@@ -140,6 +140,9 @@ def _check_likelihood_ranks_against_teacher_forcing(cfg, llm, preds):
         means, sums, t = np.asarray(means), np.asarray(sums), p["target_position"]
         assert p["likelihood_target_rank"] == int(np.sum(means >= means[t]))
         assert p["likelihood_top_position"] == int(np.argmax(means))
+        # Every candidate's score is kept, listed as the record's candidates.
+        assert p["candidates"] == [int(c) for c in rec["candidates"]]
+        np.testing.assert_allclose(p["likelihood_scores"], means, rtol=1e-3, atol=1e-3)
         # The target's answer loss splits into copying a candidate and choosing the target among them.
         log_mass = np.logaddexp.reduce(sums)
         np.testing.assert_allclose(p["likelihood_copy_nats"], -log_mass, rtol=1e-3, atol=1e-3)

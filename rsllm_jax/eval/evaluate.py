@@ -196,7 +196,11 @@ class Evaluator:
                     ll_split.append((-log_mass, log_mass - float(ll_sum[j, target_pos]), -float(logp[j, target_pos, 0])))
                     pred.update(likelihood_top_position=int(np.argmax(ll_mean[j])), likelihood_target_rank=ll_ranks[-1],
                                 likelihood_sum_target_rank=ll_sum_ranks[-1], likelihood_copy_nats=ll_split[-1][0],
-                                likelihood_choice_nats=ll_split[-1][1], likelihood_first_token_nats=ll_split[-1][2])
+                                likelihood_choice_nats=ll_split[-1][1], likelihood_first_token_nats=ll_split[-1][2],
+                                # Every candidate's score (listed as rec["candidates"]), so other readouts
+                                # (a fusion with SASRec's logits, say) can be computed from the file.
+                                candidates=[int(c) for c in rec["candidates"]],
+                                likelihood_scores=[round(float(x), 5) for x in ll_mean[j]])
                 if two_tower:
                     u = v_user[j]
                     cand_scores = item_vecs[rec["candidates"]] @ u

@@ -69,6 +69,7 @@ class Row:
     overrides: tuple[tuple[str, str], ...] = ()  # config fields (no "config." prefix) -> value
     needs: tuple[str, ...] = ()  # rows whose workdirs it reads (keys of DEPENDENCY_FLAG)
     seeded: bool = True  # False: deterministic (no training); run once, for the first seed
+    split: str = "test"  # the split an eval row scores (its metrics_<split>.json marks it finished)
 
     @property
     def trains_llm(self) -> bool:
@@ -126,6 +127,7 @@ METRIC_COLUMNS = (
     ("two_tower_hr1", "2T HR@1"),
     ("likelihood_hr1", "LL HR@1"),
     ("grounded_hr1", "grounded HR@1"),
+    ("fusion_hr1", "fusion HR@1"),
     ("hr10", "HR@10"),
     ("ndcg10", "NDCG@10"),
 )
@@ -352,33 +354,38 @@ LIKELIHOOD_DIR = "likelihood"  # inside an LLM row's workdir
 ANSWER_BIAS_FILE = "answer_bias_test.json"
 
 
-def likelihood_run(opts, run: Run) -> Run | None:
-    """The candidate-likelihood evaluation of an LLM row's checkpoint (None for stage 0): the row's own
-    flags (prompt format, data, evaluation rows) on configs/eval.py, reading the row's workdir."""
+def likelihood_run(opts, run: Run, split: str = "test") -> Run | None:
+    """The candidate-likelihood evaluation of an LLM row's checkpoint on `split` (None for stage 0): the
+    row's own flags (prompt format, data, evaluation rows) on configs/eval.py, reading the row's workdir.
+    The test run also decodes grounded answers; the val run only scores (what eval.fusion picks its
+    weight on)."""
     if run.row.kind == "sasrec":
         return None
     flags = [f for f in run.command[3:] if not f.startswith(("--workdir=", "--config="))]
     if run.row.kind != "eval":  # a trained row: evaluate its best checkpoint, in its own prompt format
         flags += [_cfg("checkpoint", run.workdir), _cfg("checkpoint_stage", run.row.kind)]
-    flags, _ = _merge(flags, [_cfg("eval.split", "test"), _cfg("eval.generate", "False"),
-                              _cfg("eval.score_candidates", "True"), _cfg("eval.grounded", "True"),
+    flags, _ = _merge(flags, [_cfg("eval.split", split), _cfg("eval.generate", "False"),
+                              _cfg("eval.score_candidates", "True"), _cfg("eval.grounded", str(split == "test")),
                               _cfg("eval.two_tower", "False")])
-    workdir = os.path.join(run.workdir, LIKELIHOOD_DIR)
+    sub = LIKELIHOOD_DIR if split == "test" else f"{LIKELIHOOD_DIR}_{split}"
+    workdir = os.path.join(run.workdir, sub)
     cmd = [sys.executable, "-m", "rsllm_jax.main", f"--config={opts.config_paths['eval']}", f"--workdir={workdir}",
            *flags]
-    row = dataclasses.replace(run.row, name=f"{run.row.name}:{LIKELIHOOD_DIR}", kind="eval",
-                              description=run.row.description + " (likelihood readout)")
+    row = dataclasses.replace(run.row, name=f"{run.row.name}:{sub}", kind="eval", split=split,
+                              description=run.row.description + f" (likelihood readout, {split})")
     return Run(row, run.seed, workdir, cmd, deps=[run.key])
 
 
 def with_likelihood(opts, runs: list[Run]) -> list[Run]:
-    """Execution order with --likelihood: each LLM run followed by its likelihood evaluation."""
+    """Execution order with --likelihood: each LLM run followed by its likelihood evaluation on the test
+    rows, then on the validation rows (for the fusion readout's weight)."""
     out = []
     for run in runs:
         out.append(run)
-        extra = likelihood_run(opts, run) if opts.likelihood else None
-        if extra is not None:
-            out.append(extra)
+        for split in ("test", "val") if opts.likelihood else ():
+            extra = likelihood_run(opts, run, split)
+            if extra is not None:
+                out.append(extra)
     return out
 
 
@@ -392,7 +399,7 @@ def _read_json(path: str):
 
 
 def result_file(row: Row) -> str:
-    return "metrics_test.json" if row.kind == "eval" else "results.json"
+    return f"metrics_{row.split}.json" if row.kind == "eval" else "results.json"
 
 
 def finished_result(row: Row, workdir: str) -> dict | None:
@@ -661,6 +668,66 @@ def _git() -> dict:
     return dict(revision=rev, dirty=None if status is None else bool(status))
 
 
+_split_cache: dict = {}  # (dataset, data fields) -> the split, loaded once per driver process
+HITS_DIR = "hits"  # inside --results_dir: every finished run's per-row test hits (eval.paired reads them)
+
+
+def _run_split(opts, run: Run):
+    """The split the run was evaluated on: its saved config's data block (custom files, candidates,
+    history lengths), loaded once per driver process."""
+    from rsllm_jax.data.splits import load_split
+
+    data = (_read_json(os.path.join(run.workdir, "config.json")) or {}).get("data") or {}
+    kw = dict(data_dir=data.get("data_dir") or None, cache_dir=data.get("cache_dir") or None,
+              seed=data.get("split_seed", 0), custom_interactions=data.get("custom_interactions", ""),
+              custom_items=data.get("custom_items", ""), num_candidates=data.get("num_candidates", 20),
+              max_history=data.get("max_history", 10), min_history=data.get("min_history", 3))
+    key = json.dumps([opts.dataset, kw], sort_keys=True)
+    if key not in _split_cache:
+        _split_cache[key] = load_split(opts.dataset, **kw)
+    return _split_cache[key]
+
+
+def save_hits(opts, run: Run, runs: list[Run]) -> dict:
+    """Write the run's per-row test hits (each readout it has) to <results_dir>/hits/, so paired tests
+    pooled over seeds outlive the scratch workdirs; for an LLM row with likelihood scores on val and test
+    and a SASRec run of its seed, also the fusion readout (eval.fusion). Returns the fusion's metrics
+    (none when it cannot be computed). Best effort: a run whose files lack something keeps its table row."""
+    from rsllm_jax.eval import fusion, paired
+
+    if run.row.kind not in ("sasrec", "stage1", "stage2", "eval") or run.reused:
+        return {}
+    from rsllm_jax.train import user_states
+
+    if not any(os.path.exists(os.path.join(run.workdir, f)) for f in ("predictions_test.jsonl", user_states.FILENAME)):
+        return {}  # nothing per row to record (and no split to load)
+    out_dir = os.path.join(opts.results_dir, HITS_DIR)
+    metrics = {}
+    try:
+        split = _run_split(opts, run)
+        sides = [run.workdir] + [f"{run.workdir}:{r}" for r in paired.READOUTS
+                                 if os.path.exists(os.path.join(run.workdir, LIKELIHOOD_DIR, "predictions_test.jsonl"))]
+        os.makedirs(out_dir, exist_ok=True)
+        for side in sides:
+            name = f"{opts.dataset}-{paired.hits_file_name(side)}"
+            write_json_atomic(os.path.join(out_dir, name),
+                              paired.hits_record(side, paired.run_hits(side, split.test, split), opts.dataset, split.test))
+        sasrec = next((r for r in runs if r.row.kind == "sasrec" and r.seed == run.seed), None)
+        val_path = os.path.join(run.workdir, fusion.SPLIT_DIRS["val"], "predictions_val.jsonl")
+        if run.row.kind != "sasrec" and sasrec is not None and os.path.exists(val_path):
+            r = fusion.evaluate(run.workdir, sasrec.workdir, split)
+            metrics = dict(fusion_hr1=r["test_hr1_at_chosen"], fusion_weight=r["chosen_weight"],
+                           fusion_val_hr1=dict(zip(r["weights"], r["val_hr1"])),
+                           fusion_test_hr1=dict(zip(r["weights"], r["test_hr1"])))
+            write_json_atomic(os.path.join(out_dir, f"{opts.dataset}-{paired.hits_file_name(run.workdir)}"
+                                                    .replace(".json", "-fusion.json")),
+                              paired.hits_record(f"{run.workdir}:fusion(w={r['chosen_weight']})", r["test_hits"],
+                                                 opts.dataset, split.test))
+    except (OSError, ValueError, KeyError) as e:
+        _log(f"{run.key}: per-row hits not recorded ({e})")
+    return metrics
+
+
 def collect(opts, runs: list[Run], problems: dict[str, str] | None = None) -> dict:
     """results/<dataset>.json and .md from the workdirs; returns the JSON object."""
     problems = problems or {}
@@ -684,6 +751,7 @@ def collect(opts, runs: list[Run], problems: dict[str, str] | None = None) -> di
             entry.update(status="unfinished", note=_why_unfinished(run, problems))
         else:
             entry.update(status="finished", **extract(run.row, run.workdir, result))
+            entry["metrics"].update(save_hits(opts, run, runs))
             curves = plot_curves(run, opts.dataset)
             if curves:
                 entry["curves"] = curves

@@ -1,6 +1,7 @@
 """The experiments driver: the planned commands, collection into the results tables, and a tiny end-to-end
 run (stage 0 -> stage 1 -> stage 2 through the real entry point) that a second invocation skips."""
 import json
+import math
 import os
 import shlex
 
@@ -120,10 +121,18 @@ def test_likelihood_runs_follow_each_llm_row(tmp_path):
     opts = ex.parse_args(["--dataset=lastfm", f"--root={root}", "--rows=zero_shot,rsllm", "--likelihood", "--",
                           "--config.eval.max_rows=50", "--config.eval.split=val"])
     plan = ex.with_likelihood(opts, ex.plan_runs(opts))
-    assert [r.key for r in plan] == ["sasrec-s0", "zero_shot-s0", "zero_shot:likelihood-s0", "text_ft-s0",
-                                     "text_ft:likelihood-s0", "rsllm-s0", "rsllm:likelihood-s0"]
+    assert [r.key for r in plan] == [
+        "sasrec-s0", "zero_shot-s0", "zero_shot:likelihood-s0", "zero_shot:likelihood_val-s0", "text_ft-s0",
+        "text_ft:likelihood-s0", "text_ft:likelihood_val-s0", "rsllm-s0", "rsllm:likelihood-s0",
+        "rsllm:likelihood_val-s0"]
     by_key = {r.key: r for r in plan}
     for name in ("zero_shot", "text_ft", "rsllm"):
+        # The validation-row run only scores (fusion picks its weight there); it is finished by its own file.
+        run, val = by_key[f"{name}-s0"], by_key[f"{name}:likelihood_val-s0"]
+        fv = _flags(val.command)
+        assert fv["--config.eval.split"] == "val" and fv["--config.eval.grounded"] == "False"
+        assert fv["--workdir"] == val.workdir == os.path.join(run.workdir, "likelihood_val")
+        assert ex.result_file(val.row) == "metrics_val.json" and val.deps == [run.key]
         run, ll = by_key[f"{name}-s0"], by_key[f"{name}:likelihood-s0"]
         f, parent = _flags(ll.command), _flags(run.command)
         assert f["--config"].endswith("configs/eval.py") and ll.deps == [run.key]
@@ -315,7 +324,7 @@ def test_collect_from_fake_workdirs(tmp_path):
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in md.splitlines() if line.startswith("| `")}
     assert list(table) == ["`sasrec`", "`zero_shot`", "`text_ft`", "`rsllm`", "`no_ut`"]
-    # what | seeds | ValidRatio | HitRatio@1 | accuracy | 2T HR@1 | LL HR@1 | grounded HR@1 | HR@10 | NDCG@10 |
+    # what | seeds | ValidRatio | HitRatio@1 | accuracy | 2T HR@1 | LL HR@1 | grounded HR@1 | fusion HR@1 | HR@10 | NDCG@10 |
     # samples | steps | wall
     rs = table["`rsllm`"]
     assert rs[1] == "2/2"
@@ -324,8 +333,8 @@ def test_collect_from_fake_workdirs(tmp_path):
     assert rs[4] == f"0.3800 ± {np.std([0.36, 0.40], ddof=1):.4f}"
     assert rs[5] == f"0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f}"
     assert rs[6] == f"0.2500 ± {np.std([0.2, 0.3], ddof=1):.4f}"
-    assert rs[7] == "—"  # no grounded readout in these runs
-    assert rs[10:] == ["384", "12", f"2.5 ± {np.std([120, 180], ddof=1) / 60:.1f} min"]
+    assert rs[7] == rs[8] == "—"  # no grounded readout, no val likelihood scores for the fusion
+    assert rs[11:] == ["384", "12", f"2.5 ± {np.std([120, 180], ddof=1) / 60:.1f} min"]
     assert table["`text_ft`"][1] == "1/2" and table["`text_ft`"][3] == "0.3000" and table["`text_ft`"][5] == "—"
     assert table["`text_ft`"][6] == "—" and table["`sasrec`"][6] == "—"
     assert table["`sasrec`"][2] == "—" and table["`sasrec`"][3] == f"0.3500 ± {np.std([0.3, 0.4], ddof=1):.4f}"
@@ -397,6 +406,26 @@ def test_tiny_end_to_end_and_resume(tiny_setup, monkeypatch, capsys):
         assert 1.0 <= runs[key]["metrics"]["likelihood_mean_rank"] <= 20.0
         assert (d / key / "likelihood" / "predictions_test.jsonl").exists()
     assert "restored" in (d / "rsllm-s0" / "likelihood" / "run.log").read_text()
+    # ... and on the validation rows, so the fusion with SASRec's logits picks its weight there.
+    from rsllm_jax.eval import fusion, paired
+
+    for key in ("text_ft-s0", "rsllm-s0"):
+        m = runs[key]["metrics"]
+        assert (d / key / "likelihood_val" / "predictions_val.jsonl").exists()
+        assert m["fusion_weight"] in m["fusion_val_hr1"]
+        assert m["fusion_val_hr1"][m["fusion_weight"]] == max(m["fusion_val_hr1"].values())
+        assert m["fusion_hr1"] == m["fusion_test_hr1"][m["fusion_weight"]]
+        # w = inf is SASRec alone: the same test hits as the stage-0 row's own HR@1 on the candidates.
+        assert m["fusion_test_hr1"]["inf"] == pytest.approx(runs["sasrec-s0"]["metrics"]["hit_ratio_at_1"])
+    # Every finished run's per-row test hits are kept beside the tables, and stand in for the run.
+    hits = results / ex.HITS_DIR
+    names = sorted(p.name for p in hits.iterdir())
+    assert "custom-custom-sasrec-s0.json" in names and "custom-custom-rsllm-s0-grounded.json" in names
+    assert "custom-custom-rsllm-s0-fusion.json" in names
+    split = ex._run_split(ex.parse_args(argv), ex.plan_runs(ex.parse_args(argv))[0])
+    assert (paired.run_hits(str(hits / "custom-custom-rsllm-s0.json"), split.test)
+            == paired.run_hits(str(d / "rsllm-s0"), split.test))
+    assert fusion.WEIGHTS[0] == 0.0 and math.isinf(fusion.WEIGHTS[-1])
     cmd = runs["rsllm-s0"]["command"]
     assert f"--config.stage2.stage1_dir={d / 'text_ft-s0'}" in cmd
     assert f"--config.stage2.sasrec_dir={d / 'sasrec-s0'}" in cmd

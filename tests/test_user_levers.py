@@ -315,3 +315,44 @@ def test_paired_reads_the_popular_rule_and_an_llm_runs_other_readouts(tmp_path):
     (d / "likelihood" / "predictions_test.jsonl").write_text(json.dumps(dict(user="0", hit=True)) + "\n")
     with pytest.raises(ValueError, match="grounded_hit"):
         paired.run_hits(f"{d}:grounded", recs)
+
+
+# ---- the fusion readout ---------------------------------------------------------------------------
+
+def test_fusion_weight_is_chosen_on_val_and_its_ends_are_the_two_readouts(tmp_path):
+    from types import SimpleNamespace
+
+    from rsllm_jax.eval import fusion
+    from rsllm_jax.train import user_states
+
+    # 3 candidates per row (items 0-2), target item 0. The LM prefers item 1 slightly everywhere;
+    # SASRec prefers the target strongly on val rows and on test rows 0-1, item 2 on test row 2.
+    def recs(users):
+        return [dict(user=str(u), history=[u % 3, 1], target=0, candidates=[0, 1, 2]) for u in users]
+    split = SimpleNamespace(val=recs(range(3)), test=recs(range(10, 13)))
+    table = np.eye(3, dtype=np.float32)
+    sas = tmp_path / "sasrec"
+    sas.mkdir()
+    np.save(sas / "item_embeddings.npy", table)
+    val_states = np.tile([3.0, 0.0, 0.0], (3, 1))
+    test_states = np.asarray([[3.0, 0, 0], [3.0, 0, 0], [0, 0, 3.0]])
+    np.savez(sas / user_states.FILENAME, val=val_states, val_checksum=np.asarray(user_states.histories_checksum(split.val)),
+             test=test_states, test_checksum=np.asarray(user_states.histories_checksum(split.test)))
+    run = tmp_path / "run"
+    for name, sub in fusion.SPLIT_DIRS.items():
+        (run / sub).mkdir(parents=True)
+        (run / sub / f"predictions_{name}.jsonl").write_text("".join(
+            json.dumps(dict(user=r["user"], candidates=r["candidates"], likelihood_scores=[-1.1, -1.0, -1.2])) + "\n"
+            for r in getattr(split, name)))
+    r = fusion.evaluate(str(run), str(sas), split)
+    hr_val, hr_test = dict(zip(r["weights"], r["val_hr1"])), dict(zip(r["weights"], r["test_hr1"]))
+    assert hr_val["0.0"] == 0.0 and hr_test["0.0"] == 0.0  # the LM alone: item 1, never the target
+    assert hr_test["inf"] == pytest.approx(2 / 3)  # SASRec alone
+    # Val is perfect from the first weight at which SASRec outvotes the LM; that smallest one is chosen.
+    first = next(w for w in r["weights"] if hr_val[w] == 1.0)
+    assert r["chosen_weight"] == first and first not in ("0.0", "inf")
+    assert r["test_hits"] == {"10": 1, "11": 1, "12": 0} and r["test_hr1_at_chosen"] == pytest.approx(2 / 3)
+    # A predictions file without every candidate's score is refused, naming file and line.
+    (run / "likelihood" / "predictions_test.jsonl").write_text(json.dumps(dict(user="10", likelihood_target_rank=1)) + "\n")
+    with pytest.raises(ValueError, match=r"predictions_test\.jsonl:1: no 'likelihood_scores'"):
+        fusion.evaluate(str(run), str(sas), split)

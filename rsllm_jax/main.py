@@ -102,6 +102,16 @@ def main(argv) -> None:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
 
+    from rsllm_jax.train.preemption import Preempted
+
+    try:
+        _dispatch(cfg, workdir)
+    except Preempted as e:  # saved; a scheduler's SIGTERM is not a failure
+        logging.warning("%s", e)
+        print(json.dumps({"preempted": e.stage, "saved_step": e.step}))
+
+
+def _dispatch(cfg, workdir: str) -> None:
     if cfg.stage == "sasrec":
         from rsllm_jax.train.sasrec_trainer import train_sasrec
 

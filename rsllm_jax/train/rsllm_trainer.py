@@ -47,6 +47,7 @@ from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.nce_pool import nce_pool_size
 from rsllm_jax.train.rsllm_step import rsllm_objective
 from rsllm_jax.train import crossfit, user_states
+from rsllm_jax.train.preemption import Preempted, Preemption
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
 
 
@@ -258,13 +259,13 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
     if cfg.train.eval_every_steps and not evaluator.do_generate:
         raise ValueError("config.train.eval_every_steps > 0 picks the best step by generated answers' accuracy: "
                          "keep config.eval.generate=True (or set eval_every_steps=0)")
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, resume_step=int(state.step))
     guard = NonFiniteGuard(cfg.get("max_nonfinite_steps", 5), stage, workdir, log, hint="lower config.optim.lr")
     step_fn = None
     start = int(state.step)
     progress = Progress(total_steps, start, desc=f"{stage}[{'+'.join(splits)}]")
     tokens_since = 0
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), Preemption() as sigterm:
         for step in range(start, total_steps):
             host_batch = next(data_iter)
             if step_fn is None:
@@ -298,13 +299,16 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                 if val["accuracy"] > meta["best_val"]:
                     meta["best_val"], improved = val["accuracy"], True
                     ckpts.save_best(done, state.saveable(), val, meta=dict(step=done))
-            preempt = bool(cfg.train.stop_after_steps) and done >= cfg.train.stop_after_steps and done < total_steps
+            preempt = done < total_steps and (sigterm.requested() or (
+                bool(cfg.train.stop_after_steps) and done >= cfg.train.stop_after_steps))
             if improved or preempt or done % cfg.train.checkpoint_every_steps == 0 or done == total_steps:
                 ckpts.save(done, state.saveable(), data_iter, meta=meta)
             if preempt:
                 progress.close()
                 ckpts.wait()
                 ckpts.close()
+                if sigterm.requested():
+                    raise Preempted(stage, done)
                 logging.info("%s: stopped after step %d (config.train.stop_after_steps)", stage, done)
                 return dict(stage=stage, interrupted_at=done)
     progress.close()

@@ -18,12 +18,35 @@ def is_writer() -> bool:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to <workdir>/metrics.jsonl (kept across resumes)."""
+    """Appends one JSON object per line to <workdir>/metrics.jsonl (kept across resumes).
 
-    def __init__(self, workdir: str, name: str = "metrics.jsonl"):
+    `resume_step`: the step the run restarts from. Rows logged after it belong to steps the restart
+    trains again (the process was killed between a log line and the next checkpoint), and a killed
+    write can leave half a line: both are dropped, atomically, so a resumed run's log equals an
+    uninterrupted one's.
+    """
+
+    def __init__(self, workdir: str, name: str = "metrics.jsonl", resume_step: int | None = None):
         self.path = os.path.join(workdir, name)
         if is_writer():
             os.makedirs(workdir, exist_ok=True)
+            if resume_step is not None and os.path.exists(self.path):
+                self._rewind(resume_step)
+
+    def _rewind(self, step: int) -> None:
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by the kill
+                if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)) or row["step"] <= step:
+                    kept.append(json.dumps(row, allow_nan=True) + "\n")
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if not is_writer():

@@ -28,6 +28,7 @@ from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table, set_item_t
 from rsllm_jax.train import user_states
 from rsllm_jax.train.nonfinite import NonFiniteGuard, skip_nonfinite
 from rsllm_jax.train.sasrec_step import eval_scores, train_step
+from rsllm_jax.train.preemption import Preempted, Preemption
 from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
 
 
@@ -112,14 +113,14 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
     else:
         state = jax.jit(init_state, out_shardings=state_sh)(rng)
 
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, resume_step=int(state["step"]))
     guard = NonFiniteGuard(cfg.get("max_nonfinite_steps", 5), "sasrec", workdir, log, hint="lower config.sasrec.lr")
     t_mark = time.time()
     start_step = int(state["step"])
     progress = Progress(total_steps, start_step, desc=f"sasrec[{split.dataset}]")
     stop = False
     loss_acc, n_acc = 0.0, 0
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), Preemption() as sigterm:
         # A run that already early-stopped is finished: restarting it only re-evaluates.
         end_step = start_step if meta.get("bad_evals", 0) >= cfg.sasrec.patience else total_steps
         for step in range(start_step, end_step):
@@ -133,6 +134,14 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
                 rate = progress.update(done - progress.bar.n, n_acc * bs, {"loss": loss})
                 log.write({"step": done, "epoch": done / steps_per_epoch, "loss": loss, "samples_per_s": rate})
                 loss_acc, n_acc = 0.0, 0
+            if done < end_step and sigterm.requested():
+                now = time.time()
+                meta["train_time_s"] = meta.get("train_time_s", 0.0) + now - t_mark
+                ckpts.save(done, state, data_iter, meta=meta)
+                progress.close()
+                ckpts.wait()
+                ckpts.close()
+                raise Preempted("sasrec", done)
             if done % steps_per_epoch:
                 continue
             epoch = done // steps_per_epoch

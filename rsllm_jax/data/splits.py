@@ -771,8 +771,16 @@ def load_split(dataset: str, *, data_dir: str | None = None, cache_dir: str | No
     _validate(parts, plan.sources)
     for name in ("val", "test"):
         for rec in getattr(parts, name):
-            rec["candidates"] = sample_candidates(candidate_rng, rec["history"], rec["target"],
-                                                  len(parts.titles), num_candidates)
+            try:
+                rec["candidates"] = sample_candidates(candidate_rng, rec["history"], rec["target"],
+                                                      len(parts.titles), num_candidates)
+            except ValueError as e:  # a catalogue too small for num_candidates outside a history
+                items_file = plan.sources.get("items") or plan.sources.get("id2name") or next(iter(plan.sources.values()))
+                raise DataError(
+                    f"{name} row of user {rec.get('user')!r}: {e}", path=items_file, field="num_candidates",
+                    hint=f"the catalogue has {len(parts.titles)} items: lower config.data.num_candidates "
+                         f"(now {num_candidates}) or config.data.max_history (now {max_history}), or add items"
+                ) from None
     manifest = {
         "dataset": dataset, "seed": seed, "fingerprint": fingerprint, "sources": sources,
         "protocol": {"version": PROTOCOL_VERSION, "max_history": max_history,

@@ -120,7 +120,8 @@ class Evaluator:
         return out
 
     def run(self, params, records: Sequence[dict], titles: Sequence[str], *, out_dir: str | None, name: str,
-            two_tower: bool = True, item_cache: str | None = None, limit: int = 0) -> dict:
+            two_tower: bool = True, item_cache: str | None = None, limit: int = 0, with_predictions: bool = False):
+        """Metrics over `records` (and, `with_predictions`, also the per-row predictions: (metrics, preds))."""
         t0 = time.time()
         records = eval_subset(records, limit)
         num_items = len(titles)
@@ -236,7 +237,7 @@ class Evaluator:
                     f.write(json.dumps(p) + "\n")
             write_json_atomic(os.path.join(out_dir, f"metrics_{name}.json"), metrics)
         logging.info("eval %s: %s", name, metrics)
-        return metrics
+        return (metrics, preds) if with_predictions else metrics
 
 
 def params_fingerprint(params) -> str:

@@ -117,41 +117,55 @@ class Recommender:
                   catalogue: bool = False, shortlist: int | None = None, top_k: int = 10, seed: int = 0) -> dict:
         """-> dict(history, candidates_from, grounded (the LLM's answer), ranking: [{item, title,
         likelihood, sasrec_logit, rank}] best first by the likelihood readout, latency_s)."""
+        return self.recommend_batch([dict(history=history, candidates=candidates)], catalogue=catalogue,
+                                    shortlist=shortlist, top_k=top_k, seed=seed)[0]
+
+    def recommend_batch(self, requests: Sequence[dict], *, catalogue: bool = False, shortlist: int | None = None,
+                        top_k: int = 10, seed: int = 0) -> list[dict]:
+        """Several requests ({history, candidates (optional)}) in one pass: the evaluator pads them into
+        its fixed batch and length buckets, so a batch costs about one padded batch's forward."""
         from rsllm_jax.data.splits import sample_negatives
 
         t0 = time.time()
-        hist = self.item_ids(history, "history")[-self.cfg.data.max_history:]
-        if not hist:
-            raise RequestError("history: give at least one item")
-        state = self.user_state(hist)
         _, _, table = self.sasrec
         k = shortlist or self.cfg.data.num_candidates
-        if candidates:
-            cands, source = list(dict.fromkeys(self.item_ids(candidates, "candidates"))), "given"
-        elif catalogue:
-            logits = table @ state
-            logits[hist] = -np.inf  # never recommend what the user already has
-            cands, source = [int(i) for i in np.argsort(-logits, kind="stable")[:k]], f"SASRec's top {k} of the catalogue"
-        else:
-            cands = [int(c) for c in sample_negatives(np.random.default_rng(seed), hist, hist[-1],
-                                                      self.split.num_items, k)]  # none the user already has
-            source = f"{k} sampled from the catalogue (seed {seed})"
-        if len(cands) < 2:
-            raise RequestError("candidates: give at least two")
-        rec = dict(user="request", history=hist, target=cands[0], candidates=cands, user_state=state)
+        records, sources = [], []
+        for n, req in enumerate(requests):
+            hist = self.item_ids(req["history"], "history")[-self.cfg.data.max_history:]
+            if not hist:
+                raise RequestError("history: give at least one item")
+            state = self.user_state(hist)
+            if req.get("candidates"):
+                cands, source = list(dict.fromkeys(self.item_ids(req["candidates"], "candidates"))), "given"
+            elif catalogue:
+                logits = table @ state
+                logits[hist] = -np.inf  # never recommend what the user already has
+                cands = [int(i) for i in np.argsort(-logits, kind="stable")[:k]]
+                source = f"SASRec's top {k} of the catalogue"
+            else:
+                cands = [int(c) for c in sample_negatives(np.random.default_rng(seed), hist, hist[-1],
+                                                          self.split.num_items, k)]  # none the user already has
+                source = f"{k} sampled from the catalogue (seed {seed})"
+            if len(cands) < 2:
+                raise RequestError("candidates: give at least two")
+            records.append(dict(user=f"request{n}", history=hist, target=cands[0], candidates=cands, user_state=state))
+            sources.append(source)
         with jax.set_mesh(self.evaluator.mesh):
-            _, preds = self.evaluator.run(self.built.params, [rec], self.split.titles, out_dir=None, name="request",
+            _, preds = self.evaluator.run(self.built.params, records, self.split.titles, out_dir=None, name="request",
                                           two_tower=False, with_predictions=True)
-        p = preds[0]
-        scores = np.asarray(p["likelihood_scores"])
-        order = np.argsort(-scores, kind="stable")
-        sas = table[cands] @ state
-        ranking = [dict(rank=r + 1, item=cands[i], title=self.split.titles[cands[i]], likelihood=float(scores[i]),
-                        sasrec_logit=float(sas[i])) for r, i in enumerate(order[:top_k])]
-        g = cands[p["grounded_position"]]
-        return dict(history=[self.split.titles[i] for i in hist], candidates_from=source,
-                    grounded=dict(item=g, title=self.split.titles[g]), ranking=ranking,
-                    latency_s=round(time.time() - t0, 3))
+        latency = round(time.time() - t0, 3)
+        out = []
+        for rec, p, source in zip(records, sorted(preds, key=lambda p: p["row"]), sources):
+            cands = rec["candidates"]
+            scores = np.asarray(p["likelihood_scores"])
+            sas = table[cands] @ rec["user_state"]
+            ranking = [dict(rank=r + 1, item=cands[i], title=self.split.titles[cands[i]],
+                            likelihood=float(scores[i]), sasrec_logit=float(sas[i]))
+                       for r, i in enumerate(np.argsort(-scores, kind="stable")[:top_k])]
+            g = cands[p["grounded_position"]]
+            out.append(dict(history=[self.split.titles[i] for i in rec["history"]], candidates_from=source,
+                            grounded=dict(item=g, title=self.split.titles[g]), ranking=ranking, latency_s=latency))
+        return out
 
 
 def format_table(result: dict) -> str:

@@ -53,3 +53,11 @@ def test_recommend_scores_a_test_row_as_the_evaluator_does(trained, monkeypatch)
     cat = rec.recommend(row["history"], catalogue=True, shortlist=5, top_k=5)
     assert len(cat["ranking"]) == 5 and not {r["item"] for r in cat["ranking"]} & set(row["history"])
     assert "grounded answer" in format_table(cat)
+    # A batch of requests: one pass, the same answers as one by one.
+    rows = rec.split.test[:3]
+    batch = rec.recommend_batch([dict(history=r["history"], candidates=r["candidates"]) for r in rows], top_k=4)
+    for r, b in zip(rows, batch):
+        one = rec.recommend(r["history"], r["candidates"], top_k=4)
+        assert [x["item"] for x in b["ranking"]] == [x["item"] for x in one["ranking"]]
+        np.testing.assert_allclose([x["likelihood"] for x in b["ranking"]], [x["likelihood"] for x in one["ranking"]],
+                                   rtol=1e-4, atol=1e-4)

@@ -420,10 +420,10 @@ def test_tiny_end_to_end_and_resume(tiny_setup, monkeypatch, capsys):
     # Every finished run's per-row test hits are kept beside the tables, and stand in for the run.
     hits = results / ex.HITS_DIR
     names = sorted(p.name for p in hits.iterdir())
-    assert "custom-custom-sasrec-s0.json" in names and "custom-custom-rsllm-s0-grounded.json" in names
-    assert "custom-custom-rsllm-s0-fusion.json" in names
+    assert "custom-sasrec-s0.json" in names and "custom-rsllm-s0-grounded.json" in names
+    assert "custom-rsllm-s0-fusion.json" in names
     split = ex._run_split(ex.parse_args(argv), ex.plan_runs(ex.parse_args(argv))[0])
-    assert (paired.run_hits(str(hits / "custom-custom-rsllm-s0.json"), split.test)
+    assert (paired.run_hits(str(hits / "custom-rsllm-s0.json"), split.test)
             == paired.run_hits(str(d / "rsllm-s0"), split.test))
     assert fusion.WEIGHTS[0] == 0.0 and math.isinf(fusion.WEIGHTS[-1])
     cmd = runs["rsllm-s0"]["command"]

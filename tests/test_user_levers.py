@@ -274,8 +274,8 @@ def test_paired_hits_files_stand_in_for_their_runs_and_are_refused_for_other_row
     (run / "predictions_test.jsonl").write_text(
         "".join(json.dumps(dict(user=str(u), hit=h)) + "\n" for u, h in enumerate([True, False, True, True])))
     hits = paired.run_hits(str(run), recs)
-    assert paired.hits_file_name(str(run)) == "exp-ranked_cf-s1.json"
-    assert paired.hits_file_name(f"{run}:grounded") == "exp-ranked_cf-s1-grounded.json"
+    assert paired.hits_file_name(str(run)) == "ranked_cf-s1.json"
+    assert paired.hits_file_name(f"{run}:grounded") == "ranked_cf-s1-grounded.json"
     f = tmp_path / "h.json"
     write_json_atomic(str(f), paired.hits_record(str(run), hits, "movielens", recs))
     # The file gives the same hits and the same comparison as the run it came from.

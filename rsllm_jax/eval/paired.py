@@ -115,11 +115,11 @@ def load_hits_file(path: str, test_records: Sequence[dict]) -> dict[str, int]:
 
 
 def hits_file_name(side: str) -> str:
-    """A file name for a side's hits: the run directory's last two parts and the readout."""
+    """A file name for a side's hits: the run directory's name and the readout (the caller prefixes
+    the dataset)."""
     head, _, readout = side.rpartition(":")
     run, readout = (head, readout) if head and readout in READOUTS else (side, "")
-    parts = [p for p in os.path.normpath(run).split(os.sep)[-2:] if p not in ("", ".")]
-    return "-".join(parts + ([readout] if readout else [])) + ".json"
+    return "-".join([os.path.basename(os.path.normpath(run))] + ([readout] if readout else [])) + ".json"
 
 
 def run_hits(run_dir: str, test_records: Sequence[dict], split=None) -> dict[str, int]:

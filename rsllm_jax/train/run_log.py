@@ -90,6 +90,7 @@ def write_json_atomic(path: str, obj) -> None:
     """Whole-file JSON write via rename: readers never see half a file."""
     if not is_writer():
         return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)

@@ -195,7 +195,9 @@ def soak(kind: str, cmd: list[str], root: pathlib.Path, kills: int, seed: int = 
     stats["sigterm_exit_code"] = proc.wait()
     stats["sigterm_saved"] = bool(_ckpt_dirs(t)[0]) and not (t / "results.json").exists()
     _run(cmd + [f"--workdir={t}"], t)
-    stats["sigterm_resumed_equal"] = _same(_final(kind, t), reference) and _trajectory(t) == _trajectory(ref)
+    stats["sigterm_final_equal"] = _same(_final(kind, t), reference)
+    stats["sigterm_metrics_equal"] = _trajectory(t) == _trajectory(ref)
+    stats["sigterm_resumed_equal"] = stats["sigterm_final_equal"] and stats["sigterm_metrics_equal"]
     log.close()
     return stats
 

@@ -299,15 +299,16 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                 if val["accuracy"] > meta["best_val"]:
                     meta["best_val"], improved = val["accuracy"], True
                     ckpts.save_best(done, state.saveable(), val, meta=dict(step=done))
-            preempt = done < total_steps and (sigterm.requested() or (
-                bool(cfg.train.stop_after_steps) and done >= cfg.train.stop_after_steps))
+            preempted = done < total_steps and sigterm.requested()  # one cross-process agreement per step
+            preempt = preempted or (done < total_steps and bool(cfg.train.stop_after_steps)
+                                    and done >= cfg.train.stop_after_steps)
             if improved or preempt or done % cfg.train.checkpoint_every_steps == 0 or done == total_steps:
                 ckpts.save(done, state.saveable(), data_iter, meta=meta)
             if preempt:
                 progress.close()
                 ckpts.wait()
                 ckpts.close()
-                if sigterm.requested():
+                if preempted:
                     raise Preempted(stage, done)
                 logging.info("%s: stopped after step %d (config.train.stop_after_steps)", stage, done)
                 return dict(stage=stage, interrupted_at=done)

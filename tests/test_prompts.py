@@ -134,3 +134,12 @@ def test_id_only_rendering_keeps_slots_and_drops_titles():
     # The text-only rendering is unaffected by the option.
     t = b.render([0, 1, 2], [3, 4], target=4, template=0, use_ids=False)
     assert "Toy Story" in tok.decode(t["input_ids"])
+
+
+def test_a_prompt_past_the_largest_bucket_names_the_long_title():
+    titles = list(TITLES)
+    titles[2] = "word " * 2000  # a 10,000-character title in the items file
+    b = PromptBuilder(tiny_tokenizer(), titles, V, PromptSettings(domain="movie"))
+    with pytest.raises(ValueError, match=r"item index 2 .*10000 characters.*shorten that title"):
+        b.render([0, 1, 2], [0, 1], target=1, template=0, use_ids=True)
+    b.render([0, 1], [0, 1], target=1, template=0, use_ids=True)  # the other items still make prompts

@@ -47,7 +47,8 @@ def test_train_export_and_resume_equals_uninterrupted(tmp_path):
     b = {m["step"]: m["loss"] for m in _metrics(resumed) if "loss" in m}
     # The resumed log holds steps of both runs; every step logged after the restart continues the
     # uninterrupted trajectory exactly (same data order, same dropout keys, same optimizer state).
-    # (The first log line after the restart averages a shorter window, so start from the second.)
+    # (The 2-epoch run logged step 16 as its last, so the resumed run's first log line averages a shorter
+    # window: start from the second.)
     after = [s for s in b if s > 16][1:]
     assert after and max(after) == max(a)
     np.testing.assert_allclose([b[s] for s in after], [a[s] for s in after], rtol=1e-5)
@@ -69,3 +70,25 @@ def test_cli_rejects_a_typo_in_an_override(tmp_path):
          "--config.sasrec.hiden=32"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "hiden" in out.stderr
+
+
+def test_preempted_at_an_epoch_boundary_and_mid_epoch_resumes_to_the_unbroken_run(tmp_path, monkeypatch):
+    import pytest
+
+    from rsllm_jax.train import preemption
+
+    straight = str(tmp_path / "straight")
+    train_sasrec(_cfg(tmp_path, 3), straight)
+    steps_per_epoch = min(m["step"] for m in _metrics(straight) if "val/hr1_cand" in m)
+    for at in (steps_per_epoch, steps_per_epoch + 3):  # the first epoch's end, then inside the second
+        calls = []
+        monkeypatch.setattr(preemption.Preemption, "requested", lambda self: calls.append(1) or len(calls) == at)
+        run = str(tmp_path / f"preempted-{at}")
+        with pytest.raises(preemption.Preempted):
+            train_sasrec(_cfg(tmp_path, 3), run)
+        monkeypatch.setattr(preemption.Preemption, "requested", lambda self: False)
+        train_sasrec(_cfg(tmp_path, 3), run)
+        keep = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+        assert keep(_metrics(run)) == keep(_metrics(straight)), at  # every val row is there, once
+        np.testing.assert_allclose(np.load(os.path.join(run, "item_embeddings.npy")),
+                                   np.load(os.path.join(straight, "item_embeddings.npy")), rtol=1e-5, atol=1e-6)

@@ -5,10 +5,14 @@ Two managers per run directory:
   <workdir>/best/         the best step by a validation metric (the loop decides), for evaluation and export.
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact (`cleanup_tmp_directories` removes the debris).
+Orbax deletes an old step file by file, so a run killed mid-delete leaves a step directory without its
+commit marker; `_remove_half_deleted_steps` clears those on open, before any restore can list them.
 """
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
 from typing import Any
 
 import grain
@@ -16,9 +20,36 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into the temporary directory before the rename
+
+
+def _remove_half_deleted_steps(directory: str) -> list[str]:
+    """Step directories older than the newest committed one that lack the commit marker: what a kill
+    during orbax's deletion of an old step leaves. The newest step is never touched."""
+    root = pathlib.Path(directory)
+    if not root.is_dir():
+        return []
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    committed = [p for p in steps if (p / COMMIT_MARKER).exists()]
+    if not committed:
+        return []
+    newest = int(committed[-1].name)
+    removed = []
+    for p in steps:
+        if int(p.name) < newest and not (p / COMMIT_MARKER).exists():
+            shutil.rmtree(p, ignore_errors=True)  # another process of the same run may be removing it too
+            removed.append(str(p))
+    if removed:
+        logging.warning("removed half-deleted checkpoint steps left by a killed run: %s", removed)
+    return removed
+
+
 class RunCheckpoints:
     def __init__(self, workdir: str, *, keep: int = 2, with_best: bool = True):
         self.workdir = os.path.abspath(workdir)
+        self._saved = {"latest": set(), "best": set()}  # steps saved by this process (orbax lists them once committed)
+        for sub in ("checkpoints", "best"):
+            _remove_half_deleted_steps(os.path.join(self.workdir, sub))
         self.latest = ocp.CheckpointManager(
             os.path.join(self.workdir, "checkpoints"),
             item_names=("state", "iter", "meta"),
@@ -37,12 +68,21 @@ class RunCheckpoints:
         items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {}))
         if data_iter is not None:
             items["iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        if step in self._saved["latest"] or step in self.latest.all_steps():
+            return  # already saved here, or a resumed run re-reached a step it had committed: the same state
+        self._saved["latest"].add(step)
         self.latest.save(step, args=ocp.args.Composite(**items), force=True)
 
     def save_best(self, step: int, state: Any, metrics: dict, meta: dict | None = None) -> None:
         """Replace the kept best checkpoint. The loop decides what "better" means and keeps the best
         value in the resumable `meta`, so a resumed run does not overwrite a better earlier step."""
         meta = dict(meta or {}, metrics=metrics)
+        if step in self._saved["best"] or step in self.best.all_steps():
+            # Killed after the best save and before the resumable one: the resumed run re-reaches this
+            # step with the same state, and orbax refuses to overwrite a step.
+            logging.info("best checkpoint for step %d already committed; kept", step)
+            return
+        self._saved["best"].add(step)
         self.best.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
         )

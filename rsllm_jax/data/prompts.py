@@ -190,12 +190,25 @@ class PromptBuilder:
             slot_items=np.asarray(slots, np.int32), history_mask=np.asarray(hist, np.int32),
             answer_mask=np.asarray(answer_mask, np.int32),
         )
+        if len(ids) > max(self.settings.buckets):
+            self._too_long(len(ids), [*history, *candidates, *([] if target is None else [target])])
         if self.settings.user_slot:
             out["user_slot"] = (np.arange(len(ids)) == user_at).astype(np.int32)
         # Position t predicts token t+1; the loss counts only predictions of answer tokens.
         out["labels"] = np.append(out["input_ids"][1:], 0).astype(np.int32)
         out["loss_mask"] = np.append(out["answer_mask"][1:], 0).astype(np.int32)
         return out
+
+    def _too_long(self, n: int, items: Sequence[int]) -> None:
+        """A prompt past the largest bucket: name the item whose title is longest, the usual cause."""
+        longest = max(items, key=lambda i: len(self.encode_text(" " + self.titles[i])))
+        title = self.titles[longest]
+        raise ValueError(
+            f"a prompt of {n} tokens exceeds the largest length bucket {max(self.settings.buckets)} "
+            f"(config.prompts.buckets); its longest title is item index {longest} "
+            f"({len(self.encode_text(' ' + title))} tokens, {len(title)} characters: "
+            f"{title[:60]!r}{'...' if len(title) > 60 else ''}): shorten that title in the items file, "
+            "or add a larger bucket / lower config.data.max_history")
 
     def answer_ids(self, item: int) -> list[int]:
         """The answer tokens the LM is trained on for `item` (title and the newline that ends it)."""

@@ -279,12 +279,14 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
             state, metrics = step_fn(state, batch, rng)
             done = step + 1
             finite = guard.check(done, {k: metrics[k] for k in ("loss", "grad_norm")})
-            if finite and (done % cfg.log_every_steps == 0 or done == total_steps or done == start + 1):
+            logged = done % cfg.log_every_steps == 0 or done == total_steps or done == 1
+            if finite and (logged or done == start + 1):
                 m = jax.device_get(metrics)
                 rate = progress.update(done - progress.bar.n, tokens_since,
                                        {k: m[k] for k in ("loss", "nip", "l_ut", "l_tt")}, item_name="tok")
-                log.write(dict(step=done, tokens_per_s=rate, lr=float(lr_schedule(step)),
-                               **{k: float(v) for k, v in m.items()}))
+                if logged:  # a resumed run's first step shows on the bar only, so its log equals an unbroken run's
+                    log.write(dict(step=done, tokens_per_s=rate, lr=float(lr_schedule(step)),
+                                   **{k: float(v) for k, v in m.items()}))
                 tokens_since = 0
             improved = False
             every = cfg.train.eval_every_steps

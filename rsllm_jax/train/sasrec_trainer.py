@@ -119,7 +119,35 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
     start_step = int(state["step"])
     progress = Progress(total_steps, start_step, desc=f"sasrec[{split.dataset}]")
     stop = False
-    loss_acc, n_acc = 0.0, 0
+    # The loss averaged since the last logged step travels in the checkpoint, so a run resumed between
+    # two log steps logs the same average an unbroken run does.
+    loss_acc, n_acc = meta.pop("loss_window", (0.0, 0))
+
+    def save(done: int) -> None:
+        nonlocal t_mark
+        now = time.time()
+        meta["train_time_s"] = meta.get("train_time_s", 0.0) + now - t_mark
+        t_mark = now
+        ckpts.save(done, state, data_iter, meta=dict(meta, loss_window=(float(loss_acc), n_acc)))
+
+    def end_of_epoch(done: int) -> bool:
+        """Validate, keep the best, checkpoint; True when early stopping says to stop."""
+        epoch, stop = done // steps_per_epoch, False
+        if epoch % cfg.sasrec.eval_every_epochs == 0 or done == total_steps:
+            val = evaluate(model, state["params"], split.val, cfg, mesh, eval_fn)
+            log.write({"step": done, "epoch": epoch, **{f"val/{k}": v for k, v in val.items()}})
+            progress.write(f"epoch {epoch}: val HR@1(20 cand) {val['hr1_cand']:.4f} "
+                           f"HR@10 {val['hr10']:.4f} NDCG@10 {val['ndcg10']:.4f}")
+            if val["hr1_cand"] > meta["best_hr1"]:
+                meta.update(best_hr1=val["hr1_cand"], best_epoch=epoch, bad_evals=0)
+                ckpts.save_best(done, state, val, meta=dict(epoch=epoch))
+            else:
+                meta["bad_evals"] += 1
+                stop = meta["bad_evals"] >= cfg.sasrec.patience
+        if epoch % cfg.sasrec.checkpoint_every_epochs == 0 or stop or done == total_steps:
+            save(done)  # training time accumulates across restarts, so a resumed run reports its whole cost
+        return stop
+
     with jax.set_mesh(mesh), Preemption() as sigterm:
         # A run that already early-stopped is finished: restarting it only re-evaluates.
         end_step = start_step if meta.get("bad_evals", 0) >= cfg.sasrec.patience else total_steps
@@ -134,36 +162,19 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
                 rate = progress.update(done - progress.bar.n, n_acc * bs, {"loss": loss})
                 log.write({"step": done, "epoch": done / steps_per_epoch, "loss": loss, "samples_per_s": rate})
                 loss_acc, n_acc = 0.0, 0
-            if done < end_step and sigterm.requested():
-                now = time.time()
-                meta["train_time_s"] = meta.get("train_time_s", 0.0) + now - t_mark
-                ckpts.save(done, state, data_iter, meta=meta)
+            if done % steps_per_epoch == 0:
+                stop = end_of_epoch(done)
+            # Checked after the epoch's evaluation, so a run preempted at an epoch boundary has already
+            # validated (and kept its best) for that epoch when it resumes.
+            if done < end_step and not stop and sigterm.requested():
+                save(done)
                 progress.close()
                 ckpts.wait()
                 ckpts.close()
                 raise Preempted("sasrec", done)
-            if done % steps_per_epoch:
-                continue
-            epoch = done // steps_per_epoch
-            if epoch % cfg.sasrec.eval_every_epochs == 0 or done == total_steps:
-                val = evaluate(model, state["params"], split.val, cfg, mesh, eval_fn)
-                log.write({"step": done, "epoch": epoch, **{f"val/{k}": v for k, v in val.items()}})
-                progress.write(f"epoch {epoch}: val HR@1(20 cand) {val['hr1_cand']:.4f} "
-                               f"HR@10 {val['hr10']:.4f} NDCG@10 {val['ndcg10']:.4f}")
-                if val["hr1_cand"] > meta["best_hr1"]:
-                    meta.update(best_hr1=val["hr1_cand"], best_epoch=epoch, bad_evals=0)
-                    ckpts.save_best(done, state, val, meta=dict(epoch=epoch))
-                else:
-                    meta["bad_evals"] += 1
-                    stop = meta["bad_evals"] >= cfg.sasrec.patience
-            if epoch % cfg.sasrec.checkpoint_every_epochs == 0 or stop or done == total_steps:
-                # Training time accumulates across restarts, so a resumed run reports its whole cost.
-                now = time.time()
-                meta["train_time_s"] = meta.get("train_time_s", 0.0) + now - t_mark
-                t_mark = now
-                ckpts.save(done, state, data_iter, meta=meta)
             if stop:
-                progress.write(f"early stop at epoch {epoch}: no val HR@1 gain in {cfg.sasrec.patience} evaluations")
+                progress.write(f"early stop at epoch {done // steps_per_epoch}: no val HR@1 gain in "
+                               f"{cfg.sasrec.patience} evaluations")
                 break
     progress.close()
     ckpts.wait()

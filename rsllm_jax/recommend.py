@@ -16,6 +16,11 @@ the same history. Candidates: `--candidates` (titles or `--candidate_ids`), else
 two-stage recipe the model was trained for), else `num_candidates` drawn from the catalogue as in
 training. The model is loaded and compiled once; requests are padded to the evaluator's fixed batch
 and length buckets, so repeated calls do not recompile.
+
+A stage-0 SASRec run, or a P2Rec augmentation run (its augmented SASRec, `sasrec_p2rec/`), serves the
+same way through SASRec alone: the ranking is SASRec's logits. `--explain` (chat models only) asks the
+fine-tuned LLM for one or two sentences on why the top item fits the history: generated text, labelled
+as such, not the cause of the ranking.
 """
 from __future__ import annotations
 
@@ -39,12 +44,14 @@ class RequestError(ValueError):
 
 class Recommender:
     def __init__(self, cfg, run_dir: str, split, built, evaluator, sasrec):
+        # built / evaluator are None for a run that serves through SASRec alone (stage 0, P2Rec).
         self.cfg, self.run_dir, self.split, self.built, self.evaluator = cfg, run_dir, split, built, evaluator
         self.sasrec = sasrec  # (model, params, item table) of the SASRec the run reads
         self._by_title: dict[str, int] = {}
         for i, t in enumerate(split.titles):
             self._by_title.setdefault(t.strip().casefold(), i)
         self._state_fn = None
+        self._explain_llm = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -59,11 +66,21 @@ class Recommender:
 
         path = os.path.join(run_dir, "config.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: --run must be a finished stage-2 run directory")
+            raise FileNotFoundError(f"{path} not found: --run must be a finished stage-2, SASRec or P2Rec "
+                                    "augmentation run directory")
         cfg = ml_collections.ConfigDict(json.load(open(path)))
+        if cfg.stage in ("sasrec", "p2rec_augment"):
+            sas_dir = os.path.join(run_dir, "sasrec_p2rec") if cfg.stage == "p2rec_augment" else run_dir
+            table_path = os.path.join(sas_dir, "item_embeddings.npy")
+            if not os.path.exists(table_path):
+                raise FileNotFoundError(f"{table_path} not found: is the {cfg.stage} run in {run_dir} finished?")
+            sas_params, _ = restore_subtree(sas_dir, "params")
+            return cls(cfg, run_dir, load_split_from_config(cfg.data), None, None,
+                       (SASRec(sasrec_config_from_params(sas_params)), sas_params, np.load(table_path)))
         if cfg.stage != "stage2" or not cfg.prompts.use_ids:
             raise ValueError(f"{run_dir}: a {cfg.stage} run (use_ids={cfg.prompts.use_ids}); recommend serves "
-                             "stage-2 runs (unified prompts read SASRec's item table)")
+                             "stage-2 runs (unified prompts read SASRec's item table), SASRec runs and P2Rec "
+                             "augmentation runs")
         sasrec_dir = sibling_dir(cfg.stage2.sasrec_dir, run_dir, f"sasrec-{cfg.data.dataset}")
         table_path = next((p for p in (os.path.join(run_dir, "item_embeddings.npy"),
                                        os.path.join(sasrec_dir, "item_embeddings.npy")) if os.path.exists(p)), None)
@@ -114,14 +131,16 @@ class Recommender:
         return np.asarray(self._state_fn(params, seq)[0], np.float32)
 
     def recommend(self, history: Sequence[str | int], candidates: Sequence[str | int] | None = None, *,
-                  catalogue: bool = False, shortlist: int | None = None, top_k: int = 10, seed: int = 0) -> dict:
+                  catalogue: bool = False, shortlist: int | None = None, top_k: int = 10, seed: int = 0,
+                  explain: bool = False) -> dict:
         """-> dict(history, candidates_from, grounded (the LLM's answer), ranking: [{item, title,
-        likelihood, sasrec_logit, rank}] best first by the likelihood readout, latency_s)."""
+        likelihood, sasrec_logit, rank}] best first by `readout` (the LLM's likelihood; SASRec's logit for a
+        run that serves through SASRec alone), latency_s, explanation (with `explain`))."""
         return self.recommend_batch([dict(history=history, candidates=candidates)], catalogue=catalogue,
-                                    shortlist=shortlist, top_k=top_k, seed=seed)[0]
+                                    shortlist=shortlist, top_k=top_k, seed=seed, explain=explain)[0]
 
     def recommend_batch(self, requests: Sequence[dict], *, catalogue: bool = False, shortlist: int | None = None,
-                        top_k: int = 10, seed: int = 0) -> list[dict]:
+                        top_k: int = 10, seed: int = 0, explain: bool = False) -> list[dict]:
         """Several requests ({history, candidates (optional)}) in one pass: the evaluator pads them into
         its fixed batch and length buckets, so a batch costs about one padded batch's forward."""
         from rsllm_jax.data.splits import sample_negatives
@@ -150,31 +169,80 @@ class Recommender:
                 raise RequestError("candidates: give at least two")
             records.append(dict(user=f"request{n}", history=hist, target=cands[0], candidates=cands, user_state=state))
             sources.append(source)
-        with jax.set_mesh(self.evaluator.mesh):
-            _, preds = self.evaluator.run(self.built.params, records, self.split.titles, out_dir=None, name="request",
-                                          two_tower=False, with_predictions=True)
+        if self.evaluator is None:  # SASRec alone
+            preds = [None] * len(records)
+        else:
+            with jax.set_mesh(self.evaluator.mesh):
+                _, preds = self.evaluator.run(self.built.params, records, self.split.titles, out_dir=None,
+                                              name="request", two_tower=False, with_predictions=True)
+            preds = sorted(preds, key=lambda p: p["row"])
         latency = round(time.time() - t0, 3)
         out = []
-        for rec, p, source in zip(records, sorted(preds, key=lambda p: p["row"]), sources):
+        for rec, p, source in zip(records, preds, sources):
             cands = rec["candidates"]
-            scores = np.asarray(p["likelihood_scores"])
             sas = table[cands] @ rec["user_state"]
+            scores = sas if p is None else np.asarray(p["likelihood_scores"])
             ranking = [dict(rank=r + 1, item=cands[i], title=self.split.titles[cands[i]],
-                            likelihood=float(scores[i]), sasrec_logit=float(sas[i]))
+                            likelihood=None if p is None else float(scores[i]), sasrec_logit=float(sas[i]))
                        for r, i in enumerate(np.argsort(-scores, kind="stable")[:top_k])]
-            g = cands[p["grounded_position"]]
-            out.append(dict(history=[self.split.titles[i] for i in rec["history"]], candidates_from=source,
-                            grounded=dict(item=g, title=self.split.titles[g]), ranking=ranking, latency_s=latency))
+            res = dict(history=[self.split.titles[i] for i in rec["history"]], candidates_from=source,
+                       readout="SASRec logit" if p is None else "LLM likelihood", ranking=ranking, latency_s=latency)
+            if p is not None:
+                g = cands[p["grounded_position"]]
+                res["grounded"] = dict(item=g, title=self.split.titles[g])
+            out.append(res)
+        if explain:
+            for res in out:
+                res["explanation"] = self.explain(res["history"], res["ranking"][0]["title"])
         return out
+
+    # ---------------------------------------------------------------- explanations
+    def explain(self, history_titles: Sequence[str], title: str, max_new_tokens: int = 64) -> dict:
+        """One or two sentences from the fine-tuned LLM on why `title` fits the history. Generated text:
+        the model was trained to name items, not to reason, so this is a rationale, not the cause."""
+        from rsllm_jax.data.prompts import bucket_length
+        from rsllm_jax.models.generate import for_inference, generate, stop_token_ids
+
+        if self.evaluator is None:
+            raise RequestError("explain: this run serves through SASRec alone; explanations need a stage-2 run")
+        tok = self.built.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise RequestError("explain: the run's LLM has no chat template; explanations need a chat/instruct model")
+        domain = self.evaluator.builder.settings.domain
+        what = {"movie": "movies", "music": "artists", "game": "games"}.get(domain, "items")
+        msg = (f"A user's recent {what}, oldest first: {'; '.join(history_titles)}. In one or two sentences, "
+               f"say why they might enjoy {title} next.")
+        text = tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True)
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        n = bucket_length(len(ids), self.cfg.prompts.buckets)  # fixed lengths: repeated calls reuse the compile
+        prompt = np.zeros((1, n), np.int32)
+        prompt[0, n - len(ids):] = ids
+        mask = (np.arange(n) >= n - len(ids)).astype(np.int32)[None]
+        if self._explain_llm is None:
+            self._explain_llm = for_inference(self.evaluator.llm, self.built.params["llm"])
+        llm, params = self._explain_llm
+        with jax.set_mesh(self.evaluator.mesh):
+            tokens, lengths = generate(llm, params, jax.numpy.asarray(prompt), attention_mask=jax.numpy.asarray(mask),
+                                       max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok, ()),
+                                       pad_id=tok.pad_token_id or 0)
+        out = tok.decode(np.asarray(tokens)[0, : int(lengths[0])], skip_special_tokens=True).strip()
+        return dict(text=out, label="generated by the fine-tuned LLM (a rationale, not the cause of the ranking)")
 
 
 def format_table(result: dict) -> str:
-    lines = [f"history: {' ; '.join(result['history'])}", f"candidates: {result['candidates_from']}",
-             f"grounded answer (the LLM's generation within the candidates): {result['grounded']['title']}",
-             "", f"{'rank':>4}  {'likelihood':>10}  {'SASRec':>7}  title", f"{'':>4}  {'(LLM)':>10}  {'logit':>7}"]
+    lines = [f"history: {' ; '.join(result['history'])}", f"candidates: {result['candidates_from']}"]
+    if "grounded" in result:
+        lines.append(f"grounded answer (the LLM's generation within the candidates): {result['grounded']['title']}")
+    lines += ["", f"{'rank':>4}  {'likelihood':>10}  {'SASRec':>7}  title", f"{'':>4}  {'(LLM)':>10}  {'logit':>7}"]
     for r in result["ranking"]:
-        lines.append(f"{r['rank']:>4}  {r['likelihood']:>10.3f}  {r['sasrec_logit']:>7.2f}  {r['title']}")
-    lines.append(f"\nranked by the LLM's likelihood of each candidate as its answer; {result['latency_s']} s")
+        ll = "-" if r["likelihood"] is None else f"{r['likelihood']:.3f}"
+        lines.append(f"{r['rank']:>4}  {ll:>10}  {r['sasrec_logit']:>7.2f}  {r['title']}")
+    how = ("the LLM's likelihood of each candidate as its answer" if result["readout"] == "LLM likelihood"
+           else "SASRec's logit (this run serves through SASRec alone)")
+    lines.append(f"\nranked by {how}; {result['latency_s']} s")
+    if "explanation" in result:
+        e = result["explanation"]
+        lines.append(f"\nwhy {result['ranking'][0]['title']}? [{e['label']}]\n  {e['text']}")
     return "\n".join(lines)
 
 
@@ -189,7 +257,8 @@ def main(argv) -> None:
              else f.candidate_ids.split(",") if f.candidate_ids else None)
     rec = Recommender.load(f.run)
     try:
-        out = rec.recommend(history, cands, catalogue=f.catalogue, shortlist=f.shortlist, top_k=f.top_k, seed=f.seed)
+        out = rec.recommend(history, cands, catalogue=f.catalogue, shortlist=f.shortlist, top_k=f.top_k, seed=f.seed,
+                            explain=f.explain)
     except RequestError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(out, indent=1, ensure_ascii=False) if f.json else format_table(out))
@@ -198,7 +267,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from absl import app, flags
 
-    flags.DEFINE_string("run", None, "a finished stage-2 run directory", required=True)
+    flags.DEFINE_string("run", None, "a finished stage-2, SASRec or P2Rec augmentation run directory", required=True)
     flags.DEFINE_string("history", "", "the user's items, oldest first, as titles separated by ';'")
     flags.DEFINE_string("history_ids", "", "the user's items as comma-separated item ids")
     flags.DEFINE_string("candidates", "", "candidate titles separated by ';' (default: sampled, or --catalogue)")
@@ -208,4 +277,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("top_k", 10, "rows to print")
     flags.DEFINE_integer("seed", 0, "seed of sampled candidates")
     flags.DEFINE_bool("json", False, "print JSON")
+    flags.DEFINE_bool("explain", False, "the LLM says in one or two sentences why the top item (chat models only; "
+                      "generated text, labelled)")
     app.run(main)

@@ -23,14 +23,14 @@ def trained(tmp_path_factory):
           "--config.eval.two_tower=False", "--config.eval.max_rows=4", f"--workdir={root / 'eval'}"]
     subprocess.run(ev, check=True, env=_env(), cwd=REPO, capture_output=True)
     preds = [json.loads(line) for line in open(root / "eval" / "predictions_test.jsonl")]
-    return run, preds
+    return run, preds, root / "sasrec-base"
 
 
 def test_recommend_scores_a_test_row_as_the_evaluator_does(trained, monkeypatch):
     from rsllm_jax.recommend import Recommender, RequestError, format_table
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-    run, preds = trained
+    run, preds, _ = trained
     rec = Recommender.load(str(run))
     by_user = {str(r["user"]): r for r in rec.split.test}
     for p in preds:
@@ -61,3 +61,40 @@ def test_recommend_scores_a_test_row_as_the_evaluator_does(trained, monkeypatch)
         assert [x["item"] for x in b["ranking"]] == [x["item"] for x in one["ranking"]]
         np.testing.assert_allclose([x["likelihood"] for x in b["ranking"]], [x["likelihood"] for x in one["ranking"]],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_a_sasrec_run_serves_through_sasrec_with_the_trainers_user_states(trained, monkeypatch):
+    from rsllm_jax.recommend import Recommender, RequestError, format_table
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    _, _, sasrec_run = trained
+    rec = Recommender.load(str(sasrec_run))
+    exported = np.load(sasrec_run / "user_states.npz")["test"]  # the trainer's own pass over the test rows
+    for i, row in enumerate(rec.split.test[:4]):
+        np.testing.assert_allclose(rec.user_state(row["history"]), exported[i], rtol=1e-4, atol=1e-5)
+        out = rec.recommend(row["history"], row["candidates"], top_k=len(row["candidates"]))
+        assert out["readout"] == "SASRec logit" and "grounded" not in out
+        logits = [r["sasrec_logit"] for r in out["ranking"]]
+        assert sorted(logits, reverse=True) == logits and {r["item"] for r in out["ranking"]} == set(row["candidates"])
+        want = rec.sasrec[2][row["candidates"]] @ exported[i]
+        np.testing.assert_allclose(sorted(logits, reverse=True), sorted(want, reverse=True), rtol=1e-4, atol=1e-4)
+    assert "SASRec alone" in format_table(out)
+    with pytest.raises(RequestError, match="SASRec alone"):
+        rec.recommend(row["history"], row["candidates"], explain=True)
+
+
+def test_explain_needs_a_chat_model_and_is_labelled_generated_text(trained, monkeypatch):
+    from rsllm_jax.recommend import Recommender, RequestError, format_table
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    run, _, _ = trained
+    rec = Recommender.load(str(run))
+    row = rec.split.test[0]
+    with pytest.raises(RequestError, match="chat template"):
+        rec.recommend(row["history"], row["candidates"], explain=True)
+    rec.built.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} Because"
+    a = rec.recommend(row["history"], row["candidates"], top_k=3, explain=True)
+    b = rec.recommend(row["history"], row["candidates"], top_k=3, explain=True)
+    assert isinstance(a["explanation"]["text"], str) and "generated" in a["explanation"]["label"]
+    assert a["explanation"] == b["explanation"]  # greedy: the same request, the same text
+    assert f"why {a['ranking'][0]['title']}?" in format_table(a)

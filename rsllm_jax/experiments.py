@@ -813,7 +813,7 @@ def diagnostics(runs: list[Run], entries: list[dict]) -> dict | None:
                 most_popular_hr1=answer_bias.most_popular_hr1(rows, counts), source=f"{done[0].workdir}/config.json")
 
 
-def _mean_std(values: list[float]) -> dict | None:
+def mean_std(values: list[float]) -> dict | None:
     values = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
               and math.isfinite(float(v))]
     if not values:
@@ -830,9 +830,9 @@ def summarize(entries: list[dict]) -> dict:
         done = [e for e in entries if e["row"] == name and e["status"] == "finished"]
         s = dict(seeds=[e["seed"] for e in done], planned=sum(e["row"] == name for e in entries))
         for key, _ in METRIC_COLUMNS:
-            s[key] = _mean_std([e["metrics"].get(key) for e in done])
+            s[key] = mean_std([e["metrics"].get(key) for e in done])
         for key in ("train_samples", "steps", "wall_time_s"):
-            s[key] = _mean_std([e.get(key) for e in done])
+            s[key] = mean_std([e.get(key) for e in done])
         summary[name] = s
     return summary
 

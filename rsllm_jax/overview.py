@@ -41,7 +41,7 @@ def load(results_dir: str, datasets=DATASETS) -> dict[str, dict]:
     return out
 
 
-def _cell(stat, digits=3) -> str:
+def cell(stat, digits=3) -> str:
     if not stat:
         return "—"
     if stat.get("std") is None:
@@ -76,9 +76,9 @@ def markdown(results: dict[str, dict]) -> str:
             n = _n_test(results[ds])
             a = s.get("accuracy")
             hits = f" ({round(a['mean'] * n)})" if a and a.get("std") is None and n else ""
-            acc.append(_cell(a) + hits)
-            vr.append("—" if name == "sasrec" else _cell(s.get("valid_ratio")))
-            ll.append(_cell(s.get("likelihood_hr1")))
+            acc.append(cell(a) + hits)
+            vr.append("—" if name == "sasrec" else cell(s.get("valid_ratio")))
+            ll.append(cell(s.get("likelihood_hr1")))
         lines.append("| " + " | ".join([f"`{name}`", *acc, *vr, *(ll if with_ll else [])]) + " |")
     refs = []
     for ds in datasets:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from absl import app, flags
 
-from rsllm_jax.experiments import _mean_std as _stats
-from rsllm_jax.overview import _cell
+from rsllm_jax.experiments import mean_std as _stats
+from rsllm_jax.overview import cell as _cell
 from rsllm_jax.train.nce_pool import nce_pool_size
 
 DATASETS = ("movielens", "lastfm", "steam")

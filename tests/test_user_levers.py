@@ -266,7 +266,7 @@ def test_paired_compare_pools_seeds_and_matches_rows_by_user(tmp_path):
 
 def test_paired_hits_files_stand_in_for_their_runs_and_are_refused_for_other_rows(tmp_path):
     from rsllm_jax.eval import paired
-    from rsllm_jax.train.run_log import write_json_atomic
+    from rsllm_jax.run_files import write_json_atomic
 
     recs = [dict(user=str(u), history=[0, 1], target=2, candidates=[2, 3, 4]) for u in range(4)]
     run = tmp_path / "exp" / "ranked_cf-s1"

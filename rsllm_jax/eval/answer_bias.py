@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rsllm_jax.data.splits import item_train_counts, load_split_from_config
-from rsllm_jax.train.run_log import write_json_atomic
+from rsllm_jax.run_files import write_json_atomic
 
 
 def read_predictions(path: str) -> list[dict]:

@@ -32,7 +32,7 @@ from rsllm_jax.models.generate import blank_token_ids, for_inference, generate, 
 from rsllm_jax.models.llama import Llama
 from rsllm_jax.models.rsllm import RSLLM
 from rsllm_jax.models.score import continuation_logprobs
-from rsllm_jax.train.run_log import is_writer, write_json_atomic
+from rsllm_jax.run_files import is_writer, write_json_atomic
 
 
 class Evaluator:

@@ -107,7 +107,7 @@ def main(argv) -> None:
 
     from rsllm_jax.data.splits import load_split
     from rsllm_jax.eval import paired
-    from rsllm_jax.train.run_log import write_json_atomic
+    from rsllm_jax.run_files import write_json_atomic
 
     f = flags.FLAGS
     split = load_split(f.dataset)

@@ -167,7 +167,7 @@ def main(argv) -> None:
 
     f = flags.FLAGS
     split = load_split(f.dataset)
-    from rsllm_jax.train.run_log import write_json_atomic
+    from rsllm_jax.run_files import write_json_atomic
 
     bases, news = f.base.split(","), f.new.split(",")
     result = compare(bases, news, split.test, split)

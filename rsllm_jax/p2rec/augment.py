@@ -45,7 +45,7 @@ from rsllm_jax.p2rec.common import (
     LORA_REGEX, TitlePrompts, pooled_states, restore_subtree, run_batched, sasrec_config_from_params,
 )
 from rsllm_jax.train.rsllm_setup import build_rsllm
-from rsllm_jax.train.run_log import is_writer, write_json_atomic
+from rsllm_jax.run_files import is_writer, write_json_atomic
 from rsllm_jax.train.sasrec_step import eval_scores
 
 REDUCE = ("pca", "learned")

@@ -43,7 +43,8 @@ from rsllm_jax.train.nonfinite import NonFiniteGuard
 from rsllm_jax.train.optimizer import count_params, make_optimizer, schedule_for
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.rsllm_trainer import subsample
-from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
+from rsllm_jax.run_files import is_writer, write_json_atomic
+from rsllm_jax.train.run_log import MetricsLog, Progress
 
 HEAD = "p2rec_head"  # the head's subtree next to the RSLLM tree (llm/, added_embeddings/)
 USER_SEQUENCES = ("full", "history")

@@ -9,12 +9,9 @@ import math
 import os
 import time
 
-import jax
 from tqdm.auto import tqdm
 
-
-def is_writer() -> bool:
-    return jax.process_index() == 0
+from rsllm_jax.run_files import is_writer
 
 
 class MetricsLog:
@@ -84,14 +81,3 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Whole-file JSON write via rename: readers never see half a file."""
-    if not is_writer():
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)

@@ -29,7 +29,8 @@ from rsllm_jax.train import user_states
 from rsllm_jax.train.nonfinite import NonFiniteGuard, skip_nonfinite
 from rsllm_jax.train.sasrec_step import eval_scores, train_step
 from rsllm_jax.train.preemption import Preempted, Preemption
-from rsllm_jax.train.run_log import MetricsLog, Progress, is_writer, write_json_atomic
+from rsllm_jax.run_files import is_writer, write_json_atomic
+from rsllm_jax.train.run_log import MetricsLog, Progress
 
 
 # ---------------------------------------------------------------- the run

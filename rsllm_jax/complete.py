@@ -1,7 +1,7 @@
 """Text continuation from the command line.
 
-    python -m rsllm_jax.generate --model=smollm2 --chat --prompt="Recommend three science fiction movies."
-    python -m rsllm_jax.generate --model=/path/to/hf_dir --prompt="Once upon a time" --max_new_tokens=64 \
+    python -m rsllm_jax.complete --model=smollm2 --chat --prompt="Recommend three science fiction movies."
+    python -m rsllm_jax.complete --model=/path/to/hf_dir --prompt="Once upon a time" --max_new_tokens=64 \
         --temperature=0.8 --top_p=0.95 --seed=1
 
 Greedy by default; generation stops at EOS (and, with --stop_newline, at the first newline).

@@ -19,14 +19,15 @@ and length buckets, so repeated calls do not recompile.
 
 A stage-0 SASRec run, or a P2Rec augmentation run (its augmented SASRec, `sasrec_p2rec/`), serves the
 same way through SASRec alone: the ranking is SASRec's logits. `--explain` (chat models only) asks the
-fine-tuned LLM for one or two sentences on why the top item fits the history: generated text, labelled
-as such, not the cause of the ranking.
+run's base LLM (LoRA off: the fine-tuned one only names items) for one or two sentences on why the top
+item fits the history: generated text, labelled as such, not the cause of the ranking.
 """
 from __future__ import annotations
 
 import difflib
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 
@@ -60,9 +61,10 @@ class Recommender:
         from rsllm_jax.data.splits import load_split_from_config
         from rsllm_jax.eval.evaluate import Evaluator
         from rsllm_jax.models.sasrec import SASRec
-        from rsllm_jax.p2rec.common import restore_subtree, sasrec_config_from_params
+        from rsllm_jax.checkpoint.run_dirs import restore_subtree, restore_trainable
+        from rsllm_jax.p2rec.common import sasrec_config_from_params
         from rsllm_jax.train.rsllm_setup import build_rsllm
-        from rsllm_jax.train.rsllm_trainer import _restore_trainable, candidate_order, prompt_builder
+        from rsllm_jax.train.rsllm_trainer import candidate_order, prompt_builder
 
         path = os.path.join(run_dir, "config.json")
         if not os.path.exists(path):
@@ -92,7 +94,7 @@ class Recommender:
         split = load_split_from_config(cfg.data)
         mesh = sharding.make_mesh(cfg.mesh)
         built = build_rsllm(cfg, mesh, num_items=split.num_items, rec_table=rec_table,
-                            extra_params=_restore_trainable(run_dir), llm=llm, seed=cfg.seed)
+                            extra_params=restore_trainable(run_dir), llm=llm, seed=cfg.seed)
         builder = prompt_builder(cfg, built.tokenizer, split, built.model.config.llm.vocab_size)
         evaluator = Evaluator(built.model, built.tokenizer, builder, mesh, batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompts.eval_template,
@@ -198,10 +200,10 @@ class Recommender:
 
     # ---------------------------------------------------------------- explanations
     def explain(self, history_titles: Sequence[str], title: str, max_new_tokens: int = 64) -> dict:
-        """One or two sentences from the fine-tuned LLM on why `title` fits the history. Generated text:
-        the model was trained to name items, not to reason, so this is a rationale, not the cause."""
+        """One or two sentences from the run's base LLM on why `title` fits the history. Generated text: a
+        rationale written after the ranking, not its cause."""
         from rsllm_jax.data.prompts import bucket_length
-        from rsllm_jax.models.generate import for_inference, generate, stop_token_ids
+        from rsllm_jax.models.generate import generate, stop_token_ids
 
         if self.evaluator is None:
             raise RequestError("explain: this run serves through SASRec alone; explanations need a stage-2 run")
@@ -209,9 +211,9 @@ class Recommender:
         if not getattr(tok, "chat_template", None):
             raise RequestError("explain: the run's LLM has no chat template; explanations need a chat/instruct model")
         domain = self.evaluator.builder.settings.domain
-        what = {"movie": "movies", "music": "artists", "game": "games"}.get(domain, "items")
-        msg = (f"A user's recent {what}, oldest first: {'; '.join(history_titles)}. In one or two sentences, "
-               f"say why they might enjoy {title} next.")
+        noun = {"movie": "movie", "music": "artist", "game": "game"}.get(domain, "item")
+        msg = (f"A user's recent {noun}s, oldest first: {'; '.join(history_titles)}. In one or two sentences, "
+               f"say why they might enjoy the {noun} {title} next.")
         text = tok.apply_chat_template([{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True)
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
         n = bucket_length(len(ids), self.cfg.prompts.buckets)  # fixed lengths: repeated calls reuse the compile
@@ -219,14 +221,22 @@ class Recommender:
         prompt[0, n - len(ids):] = ids
         mask = (np.arange(n) >= n - len(ids)).astype(np.int32)[None]
         if self._explain_llm is None:
-            self._explain_llm = for_inference(self.evaluator.llm, self.built.params["llm"])
+            # The base LLM, LoRA off: the fine-tuned one was trained to answer with a title and only repeats
+            # it (measured on the MovieLens default run), while the instruct model still writes sentences.
+            from flax import traverse_util
+
+            flat = traverse_util.flatten_dict(jax.device_get(self.built.params["llm"]), sep="/")
+            base = traverse_util.unflatten_dict({k: v for k, v in flat.items() if "lora_" not in k}, sep="/")
+            self._explain_llm = (self.evaluator.llm.clone(lora=None), base)
         llm, params = self._explain_llm
         with jax.set_mesh(self.evaluator.mesh):
             tokens, lengths = generate(llm, params, jax.numpy.asarray(prompt), attention_mask=jax.numpy.asarray(mask),
                                        max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tok, ()),
                                        pad_id=tok.pad_token_id or 0)
         out = tok.decode(np.asarray(tokens)[0, : int(lengths[0])], skip_special_tokens=True).strip()
-        return dict(text=out, label="generated by the fine-tuned LLM (a rationale, not the cause of the ranking)")
+        out = " ".join(re.split(r"(?<=[.!?])\s+", out)[:2])  # at most the two sentences asked for
+        return dict(text=out, label="generated by the base LLM with its LoRA off (a rationale, not the cause "
+                                    "of the ranking)")
 
 
 def format_table(result: dict) -> str:

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from rsllm_jax.train.rsllm_trainer import _restore_trainable
+from rsllm_jax.checkpoint.run_dirs import restore_trainable
 from synthetic_data import write_custom_dataset
 from tiny_llm import save_tiny_llm
 
@@ -92,7 +92,7 @@ def test_two_processes_equal_one(setup):
     for a, b in zip(m1, m2):
         for k in ("loss", "nip", "l_ut", "l_tt"):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-5, err_msg=f"step {a['step']} {k}")
-    p1, p2 = _restore_trainable(str(one)), _restore_trainable(str(two))
+    p1, p2 = restore_trainable(str(one)), restore_trainable(str(two))
     flat1 = {k: v for k, v in _flatten(p1)}
     flat2 = {k: v for k, v in _flatten(p2)}
     assert flat1.keys() == flat2.keys() and flat1

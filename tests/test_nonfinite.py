@@ -68,6 +68,7 @@ def test_sasrec_at_lr_1e6_stops_and_its_last_good_checkpoint_resumes_exactly(tmp
 
 def test_llm_stage_skips_nan_steps_without_touching_parameters_then_stops(tmp_path, monkeypatch):
     from configs import tiny
+    from rsllm_jax.checkpoint.run_dirs import restore_trainable
     from rsllm_jax.train import rsllm_trainer
     from test_rsllm_stages import _data
     from tiny_llm import tiny_llm
@@ -91,7 +92,7 @@ def test_llm_stage_skips_nan_steps_without_touching_parameters_then_stops(tmp_pa
     assert [x["step"] for x in rows if x.get("nonfinite")] == list(range(1, r["steps"] + 1))
     from flax import traverse_util
 
-    flat = traverse_util.flatten_dict(rsllm_trainer._restore_trainable(str(tmp_path / "skipped")), sep="/")
+    flat = traverse_util.flatten_dict(restore_trainable(str(tmp_path / "skipped")), sep="/")
     lora_b = {k: v for k, v in flat.items() if "lora_b" in k}
     assert lora_b and all(not np.asarray(v).any() for v in lora_b.values())  # still the zero init: no update
     c.max_nonfinite_steps = 2

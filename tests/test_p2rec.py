@@ -14,7 +14,8 @@ from configs import tiny
 from rsllm_jax.data import splits
 from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table, set_item_tables
 from rsllm_jax.p2rec import augment, compare, reconstruct
-from rsllm_jax.p2rec.common import TitlePrompts, restore_subtree, sasrec_config_from_params
+from rsllm_jax.checkpoint.run_dirs import restore_subtree
+from rsllm_jax.p2rec.common import TitlePrompts, sasrec_config_from_params
 from rsllm_jax.train.sasrec_trainer import train_sasrec
 from synthetic_data import write_custom_dataset
 from tiny_llm import tiny_llm

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 
 from configs import tiny
-from rsllm_jax.train.rsllm_trainer import _restore_trainable, run_stage
+from rsllm_jax.checkpoint.run_dirs import restore_trainable
+from rsllm_jax.train.rsllm_trainer import run_stage
 from synthetic_data import write_custom_dataset
 from tiny_llm import tiny_llm
 
@@ -44,6 +45,6 @@ def test_interrupted_stage_resumes_on_the_same_trajectory(tmp_path):
     a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s] for s in (3, 4)], [a[s] for s in (3, 4)], rtol=1e-5)
-    pa = _restore_trainable(str(tmp_path / "straight"))
-    pb = _restore_trainable(str(tmp_path / "resumed"))
+    pa = restore_trainable(str(tmp_path / "straight"))
+    pb = restore_trainable(str(tmp_path / "resumed"))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7), pa, pb)

@@ -115,12 +115,13 @@ def _check_likelihood_ranks_against_teacher_forcing(cfg, llm, preds):
     from rsllm_jax import sharding
     from rsllm_jax.data.splits import eval_subset
     from rsllm_jax.train.rsllm_setup import build_rsllm
-    from rsllm_jax.train.rsllm_trainer import _restore_trainable, prompt_builder, split_for
+    from rsllm_jax.checkpoint.run_dirs import restore_trainable
+    from rsllm_jax.train.rsllm_trainer import prompt_builder, split_for
 
     split = split_for(cfg, cfg.data.dataset)
     rec_table = np.load(os.path.join(cfg.checkpoint, "item_embeddings.npy"))
     built = build_rsllm(cfg, sharding.make_mesh(cfg.mesh), num_items=split.num_items, rec_table=rec_table,
-                        extra_params=_restore_trainable(cfg.checkpoint), llm=llm, seed=cfg.seed)
+                        extra_params=restore_trainable(cfg.checkpoint), llm=llm, seed=cfg.seed)
     builder = prompt_builder(cfg, built.tokenizer, split, built.model.config.llm.vocab_size)
     params = jax.device_get(built.params)
     records = eval_subset(split.test, cfg.eval.max_rows)

@@ -41,8 +41,9 @@ from rsllm_jax.data.splits import SplitData, item_train_counts, load_split_from_
 from rsllm_jax.eval import ranking
 from rsllm_jax.models.sasrec import SASRec
 from rsllm_jax.p2rec import compare
+from rsllm_jax.checkpoint.run_dirs import restore_subtree
 from rsllm_jax.p2rec.common import (
-    LORA_REGEX, TitlePrompts, pooled_states, restore_subtree, run_batched, sasrec_config_from_params,
+    LORA_REGEX, TitlePrompts, pooled_states, run_batched, sasrec_config_from_params,
 )
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.run_files import is_writer, write_json_atomic

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from rsllm_jax.data.splits import load_split_from_config
 from rsllm_jax.models.sasrec import item_table
-from rsllm_jax.p2rec.common import restore_subtree
+from rsllm_jax.checkpoint.run_dirs import restore_subtree
 from rsllm_jax.p2rec.reconstruct import calibrate_on_training_users, kmeans
 
 

@@ -2,12 +2,9 @@
 and the batched pooled LLM forward."""
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 
 from rsllm_jax import losses, sharding
@@ -84,32 +81,6 @@ class TitlePrompts:
 
 
 # ---------------------------------------------------------------- run directories and checkpoints
-def restore_subtree(run_dir: str, key: str) -> tuple[dict, int]:
-    """`state[key]` of a run's best (else latest) orbax checkpoint as host numpy arrays, and its step.
-    Restored onto one local device, whatever topology saved it."""
-    for sub in ("best", "checkpoints"):
-        path = os.path.abspath(os.path.join(run_dir, sub))
-        if not os.path.isdir(path):
-            continue
-        mgr = ocp.CheckpointManager(path, item_names=("state", "iter", "meta"))
-        step = mgr.latest_step()
-        if step is None:
-            mgr.close()
-            continue
-        meta = ocp.StandardCheckpointer().metadata(os.path.join(path, str(step), "state"))
-        meta = getattr(meta, "item_metadata", meta)
-        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
-                              getattr(meta, "tree", meta))
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        mgr.close()
-        if key not in restored["state"]:
-            raise KeyError(f"checkpoint {path}/{step} has no {key!r} (keys: {sorted(restored['state'])})")
-        logging.info("restored %s from %s step %d", key, path, step)
-        return jax.tree.map(np.asarray, restored["state"][key]), int(step)
-    raise FileNotFoundError(f"no orbax checkpoint under {run_dir}/best or {run_dir}/checkpoints")
-
-
 def sasrec_config_from_params(params) -> SASRecConfig:
     """The SASRec architecture a parameter tree was trained with (dropout is irrelevant at inference)."""
     emb = params["item_embedding"]["embedding"]

@@ -35,8 +35,9 @@ from rsllm_jax.data.sasrec_batches import left_pad
 from rsllm_jax.data.splits import load_split_from_config
 from rsllm_jax.models.lora import merge_trees, split_trainable
 from rsllm_jax.models.sasrec import SASRec, item_table
+from rsllm_jax.checkpoint.run_dirs import restore_subtree
 from rsllm_jax.p2rec.common import (
-    TitlePrompts, pooled_states, restore_subtree, run_batched, sasrec_config_from_params,
+    TitlePrompts, pooled_states, run_batched, sasrec_config_from_params,
 )
 from rsllm_jax.train import step as step_lib
 from rsllm_jax.train.nonfinite import NonFiniteGuard

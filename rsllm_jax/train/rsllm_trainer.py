@@ -16,20 +16,17 @@ import copy
 import json
 import math
 import os
-import re
 import shutil
 import time
 
 import flax.linen as nn
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
-from flax import traverse_util
 
 from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
-from rsllm_jax.checkpoint.run_dirs import has_checkpoint, sibling_dir
+from rsllm_jax.checkpoint.run_dirs import has_checkpoint, restore_trainable, sibling_dir
 from rsllm_jax.data.prompt_pipeline import SasrecOrder, TrainExample, train_batches
 from rsllm_jax.train.nonfinite import NonFiniteGuard
 from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings, repad
@@ -127,34 +124,8 @@ def _stage_dependencies(cfg, workdir: str):
                 c1.prompts.candidate_order = "given"
                 c1.train.max_train_samples = s2.stage1_train_samples
             run_stage(c1, stage1_dir)
-        stage1_params = _restore_trainable(stage1_dir, keep=r"llm/.*lora_(a|b)|added_embeddings/.*")
+        stage1_params = restore_trainable(stage1_dir, keep=r"llm/.*lora_(a|b)|added_embeddings/.*")
     return rec_table, stage1_params, sasrec_dir
-
-
-def _restore_trainable(run_dir: str, keep: str | None = None) -> dict:
-    """The trainable subtree of a run's best (else latest) checkpoint, as host numpy arrays."""
-    for sub in ("best", "checkpoints"):
-        path = os.path.abspath(os.path.join(run_dir, sub))  # orbax refuses relative paths
-        if not os.path.isdir(path):
-            continue
-        mgr = ocp.CheckpointManager(path, item_names=("state", "iter", "meta"))
-        step = mgr.latest_step()
-        if step is None:
-            continue
-        # Restore onto one local device whatever topology saved it (a pod slice, two processes): the
-        # saved shardings name devices this process may not have.
-        meta = ocp.StandardCheckpointer().metadata(os.path.join(path, str(step), "state"))
-        meta = getattr(meta, "item_metadata", meta)
-        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), getattr(meta, "tree", meta))
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-        mgr.close()
-        flat = traverse_util.flatten_dict(restored["state"]["trainable"], sep="/")
-        if keep:
-            flat = {k: v for k, v in flat.items() if re.fullmatch(keep, k)}
-        logging.info("restored %d trainable leaves from %s step %d", len(flat), path, step)
-        return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in flat.items()}, sep="/")
-    raise FileNotFoundError(f"no orbax checkpoint under {run_dir}/best or {run_dir}/checkpoints")
 
 
 # ---------------------------------------------------------------- the run
@@ -373,7 +344,7 @@ def run_eval(cfg, workdir: str, *, llm=None) -> dict:
             raise FileNotFoundError(f"no {user_states.FILENAME} in {dirs}: run stage 0 or set config.stage2.sasrec_dir")
         user_states.attach(split, found[0])
     if cfg.checkpoint:
-        trained = _restore_trainable(cfg.checkpoint)
+        trained = restore_trainable(cfg.checkpoint)
     built = build_rsllm(cfg, mesh, num_items=0 if text_only else split.num_items, rec_table=rec_table,
                         extra_params=trained, llm=llm, seed=cfg.seed)
     builder = prompt_builder(cfg, built.tokenizer, split, built.model.config.llm.vocab_size)

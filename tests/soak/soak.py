@@ -125,11 +125,11 @@ def _final(kind: str, workdir: pathlib.Path):
     if kind == "sasrec":
         params = {"item_embeddings": np.load(workdir / "item_embeddings.npy")}
     else:
-        from rsllm_jax.train.rsllm_trainer import _restore_trainable
+        from rsllm_jax.checkpoint.run_dirs import restore_trainable
         import jax
 
         params = {"/".join(str(k) for k in path): np.asarray(v)
-                  for path, v in jax.tree_util.tree_flatten_with_path(_restore_trainable(str(workdir)))[0]}
+                  for path, v in jax.tree_util.tree_flatten_with_path(restore_trainable(str(workdir)))[0]}
     return test, params
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -31,3 +32,24 @@ def test_cli_writes_curves_png(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert open(tmp_path / "curves.png", "rb").read(4) == b"\x89PNG"
+
+
+def test_learning_curves_put_runs_on_windows_seen(tmp_path):
+    import json as _json
+
+    import pytest
+
+    from rsllm_jax.plot import learning_curves
+
+    runs = {}
+    for name, batch in (("old", 8), ("new", 16)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(_json.dumps({"train": {"batch_size": batch}}))
+        (d / "metrics.jsonl").write_text("".join(_json.dumps({"step": s, "val/accuracy": s / 100}) + "\n"
+                                                 for s in (32, 64)))
+        runs[name] = str(d)
+    out = learning_curves(runs, "val/accuracy", str(tmp_path / "lc.png"), refs={"SASRec": 0.38})
+    assert os.path.getsize(out) > 1000
+    with pytest.raises(ValueError, match="no 'val/hit_ratio_at_1' rows.*eval_every_steps"):
+        learning_curves(runs, "val/hit_ratio_at_1", str(tmp_path / "x.png"))

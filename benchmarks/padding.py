@@ -18,13 +18,13 @@ import os
 import numpy as np
 from absl import app, flags
 
+from rsllm_jax.data.prompts import FINE_BUCKETS
+
 _DATASETS = flags.DEFINE_list("datasets", ["movielens"], "datasets whose training windows to render")
 _SAMPLES = flags.DEFINE_integer("samples", 1024, "training windows (the default recipe's max_train_samples)")
 _MICRO = flags.DEFINE_integer("batch", 8, "rows padded together: the host batch (8 in the recipe; its micro-batches "
                                "share its width)")
 _OUT = flags.DEFINE_string("out", "results/bench/padding", "directory for padding.{json,md}")
-
-FINER = (128, 160, 192, 224, 256, 288, 320, 352, 384, 448, 512, 640, 768, 1024)
 
 
 def _bucket(n: int, buckets) -> int:
@@ -34,7 +34,7 @@ def _bucket(n: int, buckets) -> int:
 def schemes(lengths: np.ndarray, micro: int, buckets) -> dict:
     """Padding fraction and distinct shapes of each way to batch these rows (in this order)."""
     out = {}
-    for name, bk in (("config buckets", tuple(buckets)), ("finer buckets (32-64 apart)", FINER),
+    for name, bk in (("config buckets", tuple(buckets)), ("finer buckets (32-64 apart)", FINE_BUCKETS),
                      ("exact (pad to the batch's longest)", None)):
         computed, shapes = 0, set()
         for i in range(0, len(lengths) - micro + 1, micro):

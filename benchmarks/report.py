@@ -92,6 +92,18 @@ def markdown(results: dict) -> str:
                       f"at most. JAX is at {roof['jax_over_floor']:.2f}x the floor, torch at "
                       f"{roof['torch_over_floor']:.2f}x; 2x torch would need {roof['target_s']:.2f} s"
                       + (" — below the floor, unreachable here." if roof["target_below_floor"] else ".")]
+    if "windows" in results:
+        w = results["windows"]
+        lines += ["", f"Stage-2 training windows/s on {w['windows']} real MovieLens windows of the default recipe "
+                      f"(batch {w['batch']}, LoRA dropout {w.get('lora_dropout', '-')}):", "",
+                  "| impl | batching | padding fraction | shapes (compiles) | compile s | windows/s | vs torch |",
+                  "|---|---|---|---|---|---|---|"]
+        t = w["torch"]
+        for name, r in w["jax"].items():
+            lines.append(f"| jax | {name} | {r['padding_fraction']:.3f} | {len(r['shapes'])} | {r['compile_s']:.1f} | "
+                         f"{r['windows_per_s']:.3f} | {r['windows_per_s'] / t['windows_per_s']:.2f}x |")
+        lines.append(f"| torch | each batch to its longest row | {t['padding_fraction']:.3f} | - | - | "
+                     f"{t['windows_per_s']:.3f} | 1.00x |")
     if "train" in results:
         lines += ["", "| first-step loss | jax | torch | abs diff | ok |", "|---|---|---|---|---|"]
         for k, v in results["train"]["losses"].items():

@@ -12,6 +12,9 @@ Sections (--only picks a comma list; default all):
           weights and batch; checks their first-step losses agree
   decode  greedy generation of exactly --new_tokens per row: rsllm_jax generate vs transformers generate
   sasrec  one SASRec training epoch: rsllm_jax vs a plain PyTorch SASRec of the same size
+  windows stage-2 training windows/s on real MovieLens prompts of the default recipe (LoRA dropout as
+          configured): JAX with the configs' length buckets and with finer ones vs PyTorch padding each
+          batch to its longest row (needs the model's tokenizer)
 Writes DIR/bench.json (every number, the FLOP formulas, the setup) and DIR/bench.md (the table) and
 prints the table. FLOP formulas: benchmarks/flops.py. Times are wall clock, median over --repeats
 after --warmup untimed calls (and, for JAX, after compilation, which is reported separately).
@@ -34,9 +37,10 @@ import torch
 import transformers
 from absl import app, flags, logging
 
-from benchmarks import flops, llm_setup, report, section_decode, section_matmul, section_sasrec, section_train
+from benchmarks import (flops, llm_setup, report, section_decode, section_matmul, section_sasrec,
+                        section_train, section_windows)
 
-SECTIONS = ("matmul", "train", "decode", "sasrec")
+SECTIONS = ("matmul", "train", "decode", "sasrec", "windows")
 
 _OUT = flags.DEFINE_string("out", "runs/bench", "Directory for bench.json and bench.md")
 _MODEL = flags.DEFINE_string("model", "smollm2", "'smollm2', a .gguf file or a Hugging Face LLaMA checkpoint dir")
@@ -58,6 +62,8 @@ _SAS_SAMPLES = flags.DEFINE_integer("sasrec_samples", 60000, "Synthetic SASRec r
 _SAS_BATCH = flags.DEFINE_integer("sasrec_batch", 256, "SASRec batch size (configs/base.py's)")
 _DROPOUT = flags.DEFINE_float("lora_dropout", 0.0, "LoRA dropout of both train steps (the configs train with 0.1; "
                               "0 makes the first-step losses comparable, >0 measures what dropout costs)")
+_WINDOWS = flags.DEFINE_integer("windows", 64, "Real training windows the windows section trains (both frameworks)")
+_WIN_DROPOUT = flags.DEFINE_float("windows_lora_dropout", 0.1, "LoRA dropout of the windows section (the configs')")
 _MM_SIZES = flags.DEFINE_list("matmul_sizes", ["2048", "3072", "4096"], "Square matmul sizes for the peak")
 _MM_REPEATS = flags.DEFINE_integer("matmul_repeats", 5, "Matmuls per size (best is kept)")
 _BW_MIB = flags.DEFINE_integer("bandwidth_mib", 512, "Array size of the memory-bandwidth probe (far above cache)")
@@ -109,6 +115,27 @@ def run_llm_section(name: str, llm) -> dict:
         gc.collect()
 
 
+def run_windows_section(llm) -> dict:
+    from rsllm_jax.checkpoint.loader import load_llm
+    from rsllm_jax.data.prompts import FINE_BUCKETS
+
+    tokenizer = load_llm(_MODEL.value, with_tokenizer=True, scan_layers=_SCAN.value)[2]
+    if tokenizer is None:
+        raise app.UsageError(f"--model={_MODEL.value} has no tokenizer: the windows section renders real prompts")
+    setup = llm_setup.build(llm, scan_layers=_SCAN.value, target_len=_TARGET.value, remat_policy=_REMAT.value,
+                            lora_dropout=_WIN_DROPOUT.value)
+    try:
+        windows = section_windows.real_windows(tokenizer, setup.built.model.config.llm.vocab_size, _WINDOWS.value)
+        batch = setup.cfg.train.batch_size
+        res = section_windows.run(setup, windows, batch=batch, bucket_sets={
+            "config buckets": tuple(setup.cfg.prompts.buckets), "finer buckets": FINE_BUCKETS})
+        res["lora_dropout"] = _WIN_DROPOUT.value
+        return res
+    finally:
+        del setup
+        gc.collect()
+
+
 def run_all(sections: list[str]) -> dict:
     results: dict = {"setup": setup_info(), "flops": flops.FORMULAS}
     results["setup"]["busy_warning"] = _warn_if_busy()
@@ -121,6 +148,9 @@ def run_all(sections: list[str]) -> dict:
         elif name in ("train", "decode"):
             llm = llm or llm_setup.load(_MODEL.value, _SCAN.value)
             results[name] = run_llm_section(name, llm)
+        elif name == "windows":
+            llm = llm or llm_setup.load(_MODEL.value, _SCAN.value)
+            results[name] = run_windows_section(llm)
         else:
             results[name] = section_sasrec.run(source=_SAS_DATA.value, synthetic_samples=_SAS_SAMPLES.value,
                                                batch=_SAS_BATCH.value, epochs=_REPEATS.value, warmup=_WARMUP.value)

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 from tiny_llm import tiny_llm
+from tiny_tokenizer import tiny_tokenizer
 
 from rsllm_jax.checkpoint.hf import save_hf
 
@@ -34,11 +35,12 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     config, params, _ = tiny_llm()
     ckpt = save_hf(params, config, tmp / "tiny_llama")
+    tiny_tokenizer().save_pretrained(ckpt)  # the windows section renders real prompts
     out = tmp / "out"
     cmd = [sys.executable, "-m", "benchmarks.run", f"--out={out}", f"--model={ckpt}", "--batch=2", "--seq_len=32",
            "--target_len=8", "--repeats=1", "--warmup=0", "--new_tokens=4", "--prompt_len=16", "--torch_threads=1",
            "--sasrec_data=synthetic", "--sasrec_samples=256", "--sasrec_batch=64", "--matmul_sizes=128",
-           "--matmul_repeats=1", "--bandwidth_mib=16"]
+           "--matmul_repeats=1", "--bandwidth_mib=16", "--windows=16"]
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| train (step) | jax |" in proc.stdout  # the table is printed
@@ -64,6 +66,18 @@ def test_every_section_has_finite_positive_numbers(results):
     assert _positive(results["train"]["model_flops_per_step"])
     assert all(_positive(v) for v in results["train"]["counts"].values())
     assert set(results["flops"]) >= {"N", "train_step", "decode", "sasrec_step", "mfu"}
+
+
+def test_windows_section_trains_real_prompts_in_both_frameworks(results):
+    w = results["windows"]
+    assert w["windows"] == 16 and w["batch"] == 8
+    torch_r = w["torch"]
+    assert _positive(torch_r["windows_per_s"]) and len(torch_r["step_s"]) == 2
+    for name, r in w["jax"].items():
+        assert _positive(r["windows_per_s"]) and _positive(r["compile_s"]) and len(r["step_s"]) == 2, name
+        assert 0 <= r["padding_fraction"] < 1 and r["shapes"], name
+    # Padding each batch to its own longest row wastes no more than any bucketing of the same batches.
+    assert torch_r["padding_fraction"] <= min(r["padding_fraction"] for r in w["jax"].values()) + 1e-9
 
 
 def test_first_step_losses_agree_between_jax_and_torch(results):

@@ -61,6 +61,12 @@ PAD_VALUES = dict(input_ids=0, attention_mask=0, slot_items=-1, labels=0, loss_m
                   answer_mask=0, user_slot=0)
 
 
+# Length buckets 32 tokens apart around LLaRA-sized prompts (10 history + 20 candidates: 220-310 tokens
+# with SmolLM2's tokenizer), for config.prompts.buckets: a third fewer padded tokens on MovieLens than
+# the defaults, for one or two more compiles (benchmarks/padding.py, docs/benchmarks.md).
+FINE_BUCKETS = (128, 160, 192, 224, 256, 288, 320, 352, 384, 448, 512, 640, 768, 1024)
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptSettings:
     domain: str = "movie"

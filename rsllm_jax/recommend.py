@@ -152,7 +152,9 @@ class Recommender:
         k = shortlist or self.cfg.data.num_candidates
         records, sources = [], []
         for n, req in enumerate(requests):
-            hist = self.item_ids(req["history"], "history")[-self.cfg.data.max_history:]
+            # The LLM's prompt holds max_history items; SASRec alone reads up to its max_len.
+            limit = self.cfg.data.max_history if self.evaluator is not None else self.sasrec[0].config.max_len
+            hist = self.item_ids(req["history"], "history")[-limit:]
             if not hist:
                 raise RequestError("history: give at least one item")
             state = self.user_state(hist)

@@ -271,6 +271,16 @@ def test_augment_end_to_end_writes_results(reconstructed):
     assert res["p2rec"]["info"]["reconstruct_prior_temperature"] == pytest.approx(
         json.load(open(root / "p2rec_reconstruct-custom" / "results.json"))["prior_temperature"])
 
+    # `recommend` serves the run through its augmented SASRec: its top candidate hits exactly where the
+    # augmentation's own test evaluation says it does.
+    from rsllm_jax.recommend import Recommender
+
+    (work / "config.json").write_text(c.to_json_best_effort())  # what main writes beside every run
+    rec = Recommender.load(str(work))
+    hits = [rec.recommend(r["history"], r["candidates"], top_k=1)["ranking"][0]["item"] == r["target"]
+            for r in rec.split.test]
+    assert hits == [bool(h) for h in saved["p2rec"]["test"]["per_row"]["hit1"]]
+
 
 def test_item_embeddings_are_cached_and_reused(reconstructed, monkeypatch):
     root, llm, _, _ = reconstructed

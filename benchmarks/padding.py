@@ -7,7 +7,7 @@ Renders the default recipe's training windows exactly as the trainer does (`Trai
 prompts, 20 candidates, the per-step template), groups them into the host batches the step sees
 (a shuffled order, as the pipeline's) and pads each batch the way `pad_batch` does. Reports the fraction
 of computed tokens that are padding, and the number of distinct shapes (each one a compile), for:
-the configs' buckets; finer buckets; and packing (concatenating windows into rows of a fixed length,
+the coarse buckets the configs had before; FINE_BUCKETS (theirs now); and packing (concatenating windows into rows of a fixed length,
 which a segment-id attention mask would need). Pure host work: no model is run.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ import numpy as np
 from absl import app, flags
 
 from rsllm_jax.data.prompts import FINE_BUCKETS
+
+COARSE_BUCKETS = (256, 384, 512, 640, 768, 1024)  # the configs' buckets before FINE_BUCKETS
 
 _DATASETS = flags.DEFINE_list("datasets", ["movielens"], "datasets whose training windows to render")
 _SAMPLES = flags.DEFINE_integer("samples", 1024, "training windows (the default recipe's max_train_samples)")
@@ -34,7 +36,7 @@ def _bucket(n: int, buckets) -> int:
 def schemes(lengths: np.ndarray, micro: int, buckets) -> dict:
     """Padding fraction and distinct shapes of each way to batch these rows (in this order)."""
     out = {}
-    for name, bk in (("config buckets", tuple(buckets)), ("finer buckets (32-64 apart)", FINE_BUCKETS),
+    for name, bk in (("buckets 256, 384, ... (before)", COARSE_BUCKETS), ("FINE_BUCKETS (the configs')", FINE_BUCKETS),
                      ("exact (pad to the batch's longest)", None)):
         computed, shapes = 0, set()
         for i in range(0, len(lengths) - micro + 1, micro):

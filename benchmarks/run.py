@@ -13,8 +13,8 @@ Sections (--only picks a comma list; default all):
   decode  greedy generation of exactly --new_tokens per row: rsllm_jax generate vs transformers generate
   sasrec  one SASRec training epoch: rsllm_jax vs a plain PyTorch SASRec of the same size
   windows stage-2 training windows/s on real MovieLens prompts of the default recipe (LoRA dropout as
-          configured): JAX with the configs' length buckets and with finer ones vs PyTorch padding each
-          batch to its longest row (needs the model's tokenizer)
+          configured): JAX with the configs' length buckets (FINE_BUCKETS) and the coarser ones before
+          them vs PyTorch padding each batch to its longest row (needs the model's tokenizer)
 Writes DIR/bench.json (every number, the FLOP formulas, the setup) and DIR/bench.md (the table) and
 prints the table. FLOP formulas: benchmarks/flops.py. Times are wall clock, median over --repeats
 after --warmup untimed calls (and, for JAX, after compilation, which is reported separately).
@@ -128,7 +128,8 @@ def run_windows_section(llm) -> dict:
         windows = section_windows.real_windows(tokenizer, setup.built.model.config.llm.vocab_size, _WINDOWS.value)
         batch = setup.cfg.train.batch_size
         res = section_windows.run(setup, windows, batch=batch, bucket_sets={
-            "config buckets": tuple(setup.cfg.prompts.buckets), "finer buckets": FINE_BUCKETS})
+            "buckets 256, 384, ... (before)": section_windows.COARSE_BUCKETS,
+            "FINE_BUCKETS (the configs')": FINE_BUCKETS})
         res["lora_dropout"] = _WIN_DROPOUT.value
         return res
     finally:

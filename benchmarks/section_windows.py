@@ -26,6 +26,8 @@ from rsllm_jax.train import step as step_lib
 from rsllm_jax.train.optimizer import make_optimizer
 from rsllm_jax.train.rsllm_step import rsllm_loss
 
+# The configs' length buckets before FINE_BUCKETS replaced them: the reference row.
+COARSE_BUCKETS = (256, 384, 512, 640, 768, 1024)
 # Every key rsllm_loss reads (benchmarks/workload.train_batch's layout).
 BATCH_KEYS = ("input_ids", "attention_mask", "slot_items", "history_mask", "answer_mask", "labels", "loss_mask",
               "target_input_ids", "target_attention_mask", "target_slot_items", "target_item", "valid")

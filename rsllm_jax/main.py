@@ -104,7 +104,10 @@ def main(argv) -> None:
 
     from rsllm_jax.train.preemption import Preempted
 
+    from rsllm_jax.stages import build_missing
+
     try:
+        build_missing(cfg, workdir)  # the runs this stage reads, trained first when missing and allowed
         _dispatch(cfg, workdir)
     except Preempted as e:  # saved; a scheduler's SIGTERM is not a failure
         logging.warning("%s", e)

@@ -143,3 +143,10 @@ def test_a_prompt_past_the_largest_bucket_names_the_long_title():
     with pytest.raises(ValueError, match=r"item index 2 .*10000 characters.*shorten that title"):
         b.render([0, 1, 2], [0, 1], target=1, template=0, use_ids=True)
     b.render([0, 1], [0, 1], target=1, template=0, use_ids=True)  # the other items still make prompts
+
+
+def test_the_configs_buckets_are_the_fine_buckets():
+    from configs import base
+    from rsllm_jax.data.prompts import FINE_BUCKETS
+
+    assert tuple(base.get_config().prompts.buckets) == FINE_BUCKETS == PromptSettings().buckets

@@ -62,8 +62,8 @@ PAD_VALUES = dict(input_ids=0, attention_mask=0, slot_items=-1, labels=0, loss_m
 
 
 # Length buckets 32 tokens apart around LLaRA-sized prompts (10 history + 20 candidates: 220-310 tokens
-# with SmolLM2's tokenizer), for config.prompts.buckets: a third fewer padded tokens on MovieLens than
-# the defaults, for one or two more compiles (benchmarks/padding.py, docs/benchmarks.md).
+# with SmolLM2's tokenizer), configs/base.py's config.prompts.buckets: half the padded tokens of
+# (256, 384, ...) on MovieLens for one more compile (benchmarks/padding.py, docs/benchmarks.md).
 FINE_BUCKETS = (128, 160, 192, 224, 256, 288, 320, 352, 384, 448, 512, 640, 768, 1024)
 
 
@@ -72,7 +72,7 @@ class PromptSettings:
     domain: str = "movie"
     item_separator: str = ", "
     use_marker: bool = False  # put MARKER_TOKEN before each ID slot (ours)
-    buckets: tuple[int, ...] = (256, 384, 512, 768, 1024)
+    buckets: tuple[int, ...] = FINE_BUCKETS
     target_len: int = 24  # the second tower's input (target item alone), padded to this
     use_titles: bool = True  # False = ID slots only in history/candidates (an ablation; answers stay titles)
     chat_template: str = "off"  # on | off | auto (on when the tokenizer has one): wrap as a user turn

@@ -16,7 +16,6 @@ results.json, comparison.md.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import hashlib
@@ -250,7 +249,6 @@ def _recorded(run_dir: str, key: str):
 
 def run_augment(cfg, workdir: str, *, llm=None) -> dict:
     """Embed items with the tuned LLM, train the augmented SASRec, compare with the base on val and test."""
-    from rsllm_jax.p2rec.reconstruct import run_reconstruct
     from rsllm_jax.train.sasrec_trainer import train_sasrec
 
     t_start = time.time()
@@ -261,14 +259,9 @@ def run_augment(cfg, workdir: str, *, llm=None) -> dict:
     rdir = NO_RECONSTRUCTION if untuned else sibling_dir(p.reconstruct_dir, workdir,
                                                          f"p2rec_reconstruct-{cfg.data.dataset}")
     if not untuned and not has_checkpoint(rdir):
-        if not p.build_missing:
-            raise FileNotFoundError(f"no reconstruction checkpoint in {rdir}: run configs/p2rec_reconstruct.py into it "
-                                    "or set config.p2rec.reconstruct_dir")
-        logging.info("p2rec augment: no reconstruction checkpoint in %s; running it first", rdir)
-        c = copy.deepcopy(cfg)
-        with c.unlocked():
-            c.stage = "p2rec_reconstruct"
-        run_reconstruct(c, rdir, llm=llm)
+        raise FileNotFoundError(f"no reconstruction checkpoint in {rdir}: run configs/p2rec_reconstruct.py into it, "
+                                "set config.p2rec.reconstruct_dir, or start through `python -m rsllm_jax.main` with "
+                                "config.p2rec.build_missing=True, which runs it first")
 
     llm_emb, cache_info = item_embeddings_cached(cfg, workdir, split.titles, llm=llm)
     if llm_emb.shape[0] != split.num_items:

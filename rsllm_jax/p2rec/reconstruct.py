@@ -223,16 +223,12 @@ def _mean_entropy(priors: np.ndarray) -> float:
 
 
 def load_sasrec(cfg, workdir: str):
-    """(run dir, params) of the pretrained SASRec; trains it first when missing and allowed."""
+    """(run dir, params) of the pretrained SASRec (trained first by `stages.build_missing` when missing)."""
     sasrec_dir = sibling_dir(cfg.p2rec.sasrec_dir, workdir, f"sasrec-{cfg.data.dataset}")
     if not has_checkpoint(sasrec_dir):
-        if not cfg.p2rec.build_missing:
-            raise FileNotFoundError(f"no SASRec checkpoint in {sasrec_dir}: run configs/sasrec.py into it or set "
-                                    "config.p2rec.sasrec_dir")
-        from rsllm_jax.train.sasrec_trainer import train_sasrec
-
-        logging.info("p2rec: no SASRec checkpoint in %s; training stage 0 first", sasrec_dir)
-        train_sasrec(cfg, sasrec_dir)
+        raise FileNotFoundError(f"no SASRec checkpoint in {sasrec_dir}: run configs/sasrec.py into it, set "
+                                "config.p2rec.sasrec_dir, or start through `python -m rsllm_jax.main` with "
+                                "config.p2rec.build_missing=True, which trains it first")
     params, _ = restore_subtree(sasrec_dir, "params")
     return sasrec_dir, params
 

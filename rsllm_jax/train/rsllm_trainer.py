@@ -3,7 +3,7 @@
 stage1: text-only prompts over the union of `config.stage1.datasets`' train splits; NIP + both InfoNCE
         on text-only representations; LoRA (and added-token rows) trained.
 stage2: the target dataset with unified (title + ID) prompts; reads the SASRec table from stage 0 and
-        the LoRA from stage 1 (paths in config; built first if missing and `build_missing`); trains
+        the LoRA from stage 1 (paths in config; `rsllm_jax.stages` trains them first when missing); trains
         LoRA + projector + added rows with the full loss.
 eval:   evaluates a run directory's best (else latest) checkpoint, or the untrained model.
 
@@ -12,7 +12,6 @@ state, step, Grain iterator, config), metrics_<split>.json, predictions_<split>.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -26,7 +25,8 @@ from absl import logging
 
 from rsllm_jax import sharding
 from rsllm_jax.checkpoint.manager import RunCheckpoints
-from rsllm_jax.checkpoint.run_dirs import has_checkpoint, restore_trainable, sibling_dir
+from rsllm_jax import stages
+from rsllm_jax.checkpoint.run_dirs import has_checkpoint, restore_trainable
 from rsllm_jax.data.prompt_pipeline import SasrecOrder, TrainExample, train_batches
 from rsllm_jax.train.nonfinite import NonFiniteGuard
 from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings, repad
@@ -93,37 +93,20 @@ def needs_user_states(cfg) -> bool:
 
 
 def _stage_dependencies(cfg, workdir: str):
-    """Stage 2 needs stage 0's item table (and user states) and stage 1's LoRA; build them if asked and missing."""
-    s2 = cfg.stage2
-    sasrec_dir = sibling_dir(s2.sasrec_dir, workdir, f"sasrec-{cfg.data.dataset}")
-    table_path = os.path.join(sasrec_dir, "item_embeddings.npy")
-    states_missing = needs_user_states(cfg) and not os.path.exists(os.path.join(sasrec_dir, user_states.FILENAME))
-    if not os.path.exists(table_path) or states_missing:
-        if not s2.build_missing:
-            raise FileNotFoundError(f"{table_path} not found: run stage 0 (configs/sasrec.py) into "
-                                    f"{sasrec_dir} or set config.stage2.sasrec_dir")
-        from rsllm_jax.train.sasrec_trainer import train_sasrec
-
-        # A finished stage-0 run only re-evaluates and re-exports (the user states of older runs).
-        logging.info("stage 2: no SASRec table / user states in %s; running stage 0 first", sasrec_dir)
-        train_sasrec(cfg, sasrec_dir)
-    rec_table = np.load(table_path)
-
+    """Stage 2 reads stage 0's item table (and user states) and stage 1's LoRA. Missing ones are trained
+    before the stage by the orchestration layer (`rsllm_jax.stages.build_missing`, called by main)."""
+    sasrec_dir, stage1_dir = stages.stage2_dirs(cfg, workdir)
+    if not stages.stage0_ready(sasrec_dir, needs_user_states(cfg)):
+        raise FileNotFoundError(f"no SASRec item table / user states in {sasrec_dir}: run stage 0 (configs/sasrec.py) "
+                                "into it, set config.stage2.sasrec_dir, or start through `python -m rsllm_jax.main` "
+                                "with config.stage2.build_missing=True, which trains it first")
+    rec_table = np.load(os.path.join(sasrec_dir, "item_embeddings.npy"))
     stage1_params = None
-    if s2.stage1_dir != "none":
-        stage1_dir = sibling_dir(s2.stage1_dir, workdir, "stage1")
+    if stage1_dir is not None:
         if not has_checkpoint(stage1_dir):
-            if not s2.build_missing:
-                raise FileNotFoundError(f"no stage-1 checkpoint in {stage1_dir}: run configs/stage1.py or set "
-                                        "config.stage2.stage1_dir ('none' to start from the base LLM)")
-            logging.info("stage 2: no stage-1 checkpoint in %s; running stage 1 first", stage1_dir)
-            c1 = copy.deepcopy(cfg)
-            with c1.unlocked():
-                c1.stage = "stage1"
-                c1.prompts.use_ids = False
-                c1.prompts.candidate_order = "given"
-                c1.train.max_train_samples = s2.stage1_train_samples
-            run_stage(c1, stage1_dir)
+            raise FileNotFoundError(f"no stage-1 checkpoint in {stage1_dir}: run configs/stage1.py into it, set "
+                                    "config.stage2.stage1_dir ('none' starts from the base LLM), or start through "
+                                    "`python -m rsllm_jax.main` with config.stage2.build_missing=True")
         stage1_params = restore_trainable(stage1_dir, keep=r"llm/.*lora_(a|b)|added_embeddings/.*")
     return rec_table, stage1_params, sasrec_dir
 

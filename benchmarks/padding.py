@@ -18,19 +18,14 @@ import os
 import numpy as np
 from absl import app, flags
 
-from rsllm_jax.data.prompts import FINE_BUCKETS
-
-COARSE_BUCKETS = (256, 384, 512, 640, 768, 1024)  # the configs' buckets before FINE_BUCKETS
+from benchmarks.section_windows import COARSE_BUCKETS
+from rsllm_jax.data.prompts import FINE_BUCKETS, bucket_length
 
 _DATASETS = flags.DEFINE_list("datasets", ["movielens"], "datasets whose training windows to render")
 _SAMPLES = flags.DEFINE_integer("samples", 1024, "training windows (the default recipe's max_train_samples)")
 _MICRO = flags.DEFINE_integer("batch", 8, "rows padded together: the host batch (8 in the recipe; its micro-batches "
                                "share its width)")
 _OUT = flags.DEFINE_string("out", "results/bench/padding", "directory for padding.{json,md}")
-
-
-def _bucket(n: int, buckets) -> int:
-    return next(b for b in sorted(buckets) if n >= 0 and n <= b)
 
 
 def schemes(lengths: np.ndarray, micro: int, buckets) -> dict:
@@ -41,7 +36,7 @@ def schemes(lengths: np.ndarray, micro: int, buckets) -> dict:
         computed, shapes = 0, set()
         for i in range(0, len(lengths) - micro + 1, micro):
             longest = int(lengths[i:i + micro].max())
-            width = longest if bk is None else _bucket(longest, bk)
+            width = longest if bk is None else bucket_length(longest, bk)
             computed += width * micro
             shapes.add(width)
         real = int(lengths[: len(lengths) // micro * micro].sum())
@@ -59,8 +54,6 @@ def schemes(lengths: np.ndarray, micro: int, buckets) -> dict:
 
 
 def measure(dataset: str, samples: int, micro: int) -> dict:
-    import ml_collections  # noqa: F401  (configs)
-
     from configs import stage2
     from rsllm_jax.checkpoint.loader import load_llm
     from rsllm_jax.data.prompt_pipeline import TrainExample

@@ -24,3 +24,12 @@ def write_custom_dataset(root: pathlib.Path, num_users: int = 60, num_items: int
             for t in range(length):
                 f.write(f"u{u},i{(start + 2 * t) % num_items},{1000 + t}\n")
     return str(inter), str(items)
+
+
+def use_custom_dataset(c, root: pathlib.Path):
+    """Point config `c` at a freshly written synthetic custom dataset (and a split cache) under `root`."""
+    inter, items = write_custom_dataset(root / "data")
+    c.data.dataset = "custom"
+    c.data.custom_interactions, c.data.custom_items = inter, items
+    c.data.cache_dir = str(root / "cache")
+    return c

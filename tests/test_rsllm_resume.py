@@ -7,16 +7,12 @@ import numpy as np
 from configs import tiny
 from rsllm_jax.checkpoint.run_dirs import restore_trainable
 from rsllm_jax.train.rsllm_trainer import run_stage
-from synthetic_data import write_custom_dataset
+from synthetic_data import use_custom_dataset
 from tiny_llm import tiny_llm
 
 
 def _cfg(tmp_path):
-    inter, items = write_custom_dataset(tmp_path / "data")
-    c = tiny.get_llm_config("stage1")
-    c.data.dataset = "custom"
-    c.data.custom_interactions, c.data.custom_items = inter, items
-    c.data.cache_dir = str(tmp_path / "cache")
+    c = use_custom_dataset(tiny.get_llm_config("stage1"), tmp_path)
     c.train.max_train_samples = 64  # batch 16 -> 4 steps
     c.train.checkpoint_every_steps = 100  # only the preemption and final saves
     c.log_every_steps = 1

@@ -4,16 +4,12 @@ import pytest
 from configs import tiny
 from rsllm_jax import stages
 from rsllm_jax.train.rsllm_trainer import run_stage
-from synthetic_data import write_custom_dataset
+from synthetic_data import use_custom_dataset
 from tiny_llm import save_tiny_llm
 
 
 def test_stage2_reads_only_and_build_missing_trains_stage0_and_stage1_first(tmp_path):
-    inter, items = write_custom_dataset(tmp_path / "data")
-    c = tiny.get_llm_config("stage2")
-    c.data.dataset = "custom"
-    c.data.custom_interactions, c.data.custom_items = inter, items
-    c.data.cache_dir = str(tmp_path / "cache")
+    c = use_custom_dataset(tiny.get_llm_config("stage2"), tmp_path)
     c.llm.model = str(save_tiny_llm(tmp_path / "tiny-llama"))
     c.train.max_train_samples = c.stage2.stage1_train_samples = 8
     c.sasrec.epochs = 1

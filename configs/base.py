@@ -169,11 +169,15 @@ def get_config():
 
 def add_mesh(c):
     """Mesh axis sizes (-1 = all remaining devices) and logical-axis rules; see rsllm_jax/sharding.py."""
-    from rsllm_jax import sharding
-
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
-    c.mesh.rules = [list(r) if not isinstance(r[1], tuple) else [r[0], list(r[1])] for r in sharding.DEFAULT_RULES]
+    # Logical -> mesh axis rules (MaxText-style): the batch is split over every data-parallel axis;
+    # weights are sharded over fsdp along embed and over tensor along heads/mlp/vocab.
+    c.mesh.rules = [
+        ["batch", ["data", "fsdp"]], ["length", None], ["embed", "fsdp"], ["vocab", "tensor"],
+        ["heads", "tensor"], ["kv_heads", "tensor"], ["head_dim", None], ["mlp", "tensor"],
+        ["layers", None], ["lora_rank", None], ["items", None],
+    ]
     return c

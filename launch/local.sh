@@ -17,4 +17,4 @@ python -m rsllm_jax.main --config=configs/stage2.py --config.data.dataset="$DATA
   --workdir="$RUNS/stage2-$DATASET" "$@"
 python -m rsllm_jax.main --config=configs/eval.py --config.data.dataset="$DATASET" \
   --config.checkpoint="$RUNS/stage2-$DATASET" --workdir="$RUNS/eval-$DATASET" "$@"
-python -m rsllm_jax.plot --workdir="$RUNS/stage2-$DATASET"
+python -m rsllm_jax.report.plot --workdir="$RUNS/stage2-$DATASET"

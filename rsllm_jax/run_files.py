@@ -22,3 +22,26 @@ def write_json_atomic(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+# Not plotted or tabulated as series: bookkeeping fields of a metrics.jsonl row.
+SKIP = {"step", "epoch", "n", "wall_time_s"}
+
+
+def read_metrics(path: str) -> dict[str, tuple[list[float], list[float]]]:
+    """series name -> (steps, values); later lines for the same step (a resumed run) win."""
+    by_step: dict[str, dict[float, float]] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not JSON ({e})") from None
+            step = rec.get("step")
+            for k, v in rec.items():
+                if k in SKIP or k.endswith("/n") or step is None or not isinstance(v, (int, float)) or isinstance(v, bool):
+                    continue
+                by_step.setdefault(k, {})[float(step)] = float(v)
+    return {k: (sorted(d), [d[s] for s in sorted(d)]) for k, d in by_step.items()}

@@ -15,23 +15,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Default logical -> mesh rules (MaxText-style). Batch is split over every data-parallel axis;
-# weights are sharded over fsdp along embed and over tensor along heads/mlp/vocab.
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("lora_rank", None),
-    ("items", None),
-)
-
-
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
     """Resolve one -1 entry to 'whatever devices are left'; check the product."""
     dims = [data, fsdp, tensor]
@@ -58,7 +41,8 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.s
 
 
 def rules_from_config(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
-    """Config holds rules as a list of [logical, mesh-axis | [mesh-axes] | None]."""
+    """Config holds rules as a list of [logical, mesh-axis | [mesh-axes] | None] (configs/base.py's
+    `mesh.rules` are the defaults)."""
     out = []
     for logical, target in rules:
         out.append((logical, tuple(target) if isinstance(target, (list, tuple)) else target))

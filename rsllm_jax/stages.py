@@ -26,7 +26,7 @@ def stage2_dirs(cfg, workdir: str) -> tuple[str, str | None]:
 
 
 def stage0_ready(sasrec_dir: str, with_user_states: bool) -> bool:
-    from rsllm_jax.train import user_states
+    from rsllm_jax.checkpoint import user_states
 
     return os.path.exists(os.path.join(sasrec_dir, "item_embeddings.npy")) and (
         not with_user_states or os.path.exists(os.path.join(sasrec_dir, user_states.FILENAME)))

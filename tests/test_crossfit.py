@@ -10,7 +10,8 @@ from configs import tiny
 from rsllm_jax.config_check import ConfigError, check
 from rsllm_jax.data.prompt_pipeline import SasrecOrder
 from rsllm_jax.data.splits import load_split_from_config
-from rsllm_jax.train import crossfit, user_states
+from rsllm_jax.checkpoint import user_states
+from rsllm_jax.train import crossfit
 
 
 def _data(c, tmp_path):

@@ -8,7 +8,7 @@ import shlex
 import numpy as np
 import pytest
 
-from rsllm_jax import experiments as ex
+from rsllm_jax.report import experiments as ex
 from synthetic_data import write_custom_dataset
 from tiny_llm import save_tiny_llm
 

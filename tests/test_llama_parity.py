@@ -190,7 +190,10 @@ def test_sharded_init_and_forward_on_mesh():
 
     config = LlamaConfig.from_hf_config({**TINY, "tie_word_embeddings": True}, scan_layers=True, remat_policy="full")
     model = Llama(config)
-    from rsllm_jax.sharding import DEFAULT_RULES as rules
+    from configs import base
+    from rsllm_jax.sharding import rules_from_config
+
+    rules = rules_from_config(base.get_config().mesh.rules)
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     ids = jnp.ones((4, 8), jnp.int32)

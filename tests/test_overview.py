@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from rsllm_jax import experiments as ex
-from rsllm_jax import overview
+from rsllm_jax.report import experiments as ex
+from rsllm_jax.report import overview
 
 
 def _write(path, obj):

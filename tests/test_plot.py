@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from rsllm_jax.plot import plot, read_metrics
+from rsllm_jax.report.plot import plot, read_metrics
 
 
 def test_plot_writes_png_and_resumed_steps_override(tmp_path):
@@ -28,7 +28,7 @@ def test_cli_writes_curves_png(tmp_path):
     import sys
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n{"step": 2, "loss": 1}\n')
-    out = subprocess.run([sys.executable, "-m", "rsllm_jax.plot", f"--workdir={tmp_path}"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "rsllm_jax.report.plot", f"--workdir={tmp_path}"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert open(tmp_path / "curves.png", "rb").read(4) == b"\x89PNG"
@@ -39,7 +39,7 @@ def test_learning_curves_put_runs_on_windows_seen(tmp_path):
 
     import pytest
 
-    from rsllm_jax.plot import learning_curves
+    from rsllm_jax.report.plot import learning_curves
 
     runs = {}
     for name, batch in (("old", 8), ("new", 16)):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rsllm_jax import results_doc
+from rsllm_jax.report import results_doc
 
 
 def _write(path, text):
@@ -195,7 +195,7 @@ def test_results_doc_needs_no_jax():
     # The tables rebuild on a machine without jax: the pool rule lives in the jax-free train/nce_pool.py.
     import subprocess
     import sys
-    code = "import sys; sys.modules['jax'] = None; import rsllm_jax.results_doc"
+    code = "import sys; sys.modules['jax'] = None; import rsllm_jax.report.results_doc"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

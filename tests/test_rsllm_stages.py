@@ -32,7 +32,7 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def test_stage1_stage2_eval_smoke(tmp_path, monkeypatch):
-    # Relative run directories, as `python -m rsllm_jax.experiments` passes them (orbax wants absolute).
+    # Relative run directories, as `python -m rsllm_jax.report.experiments` passes them (orbax wants absolute).
     monkeypatch.chdir(tmp_path)
     llm = tiny_llm()
     c0 = _data(tiny.get_config(), tmp_path)

@@ -1,7 +1,5 @@
 """The user-learning levers: SASRec's user states, the user slot, listwise distillation from SASRec."""
 import json
-import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,7 @@ from rsllm_jax import losses
 from rsllm_jax.data.prompt_pipeline import EvalExample, SasrecOrder, TrainExample
 from rsllm_jax.data.prompts import PromptBuilder, PromptSettings, pad_batch
 from rsllm_jax.data.splits import load_split_from_config
-from rsllm_jax.train import user_states
+from rsllm_jax.checkpoint import user_states
 from tiny_tokenizer import tiny_tokenizer
 
 TITLES = ["Toy Story", "Heat", "Alien", "The Matrix", "Star Wars", "Fargo", "Casablanca", "The Thing"]
@@ -179,7 +177,6 @@ def _data(c, tmp_path):
 
 
 def test_stage0_exports_states_and_stage2_trains_with_user_slot_and_distill(tmp_path, monkeypatch):
-    from rsllm_jax.models.sasrec import SASRec
     from rsllm_jax.train.rsllm_trainer import run_eval, run_stage
     from rsllm_jax.train.sasrec_trainer import train_sasrec
     from tiny_llm import tiny_llm
@@ -323,7 +320,7 @@ def test_fusion_weight_is_chosen_on_val_and_its_ends_are_the_two_readouts(tmp_pa
     from types import SimpleNamespace
 
     from rsllm_jax.eval import fusion
-    from rsllm_jax.train import user_states
+    from rsllm_jax.checkpoint import user_states
 
     # 3 candidates per row (items 0-2), target item 0. The LM prefers item 1 slightly everywhere;
     # SASRec prefers the target strongly on val rows and on test rows 0-1, item 2 on test row 2.

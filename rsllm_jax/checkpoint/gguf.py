@@ -7,7 +7,6 @@ converter permutes q/k rows for interleaved RoPE; we use rotate-half RoPE, so `u
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import gguf

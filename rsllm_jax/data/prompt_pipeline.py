@@ -44,7 +44,7 @@ class SasrecOrder:
             table, state = self.table, record["user_state"]
         else:
             raise ValueError("config.prompts.candidate_order='sasrec' needs SASRec's user state on every record "
-                             "(train/user_states.attach)")
+                             "(checkpoint/user_states.attach)")
         scores = table[np.asarray(candidates, np.int64)] @ np.asarray(state, np.float32)
         return [int(candidates[i]) for i in np.argsort(-scores, kind="stable")]
 
@@ -104,7 +104,7 @@ def add_user_fields(ex: dict, builder: PromptBuilder, record: dict, candidates, 
     if "user_slot" in ex or distill:
         if "user_state" not in record:
             raise ValueError("config.prompts.user_slot / config.loss.weight_distill need SASRec's user state on "
-                             "every record (train/user_states.attach)")
+                             "every record (checkpoint/user_states.attach)")
         ex["user_state"] = np.asarray(record["user_state"], np.float32)
     if distill:
         ex["cand_items"] = np.asarray(candidates, np.int32)

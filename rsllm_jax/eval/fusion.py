@@ -65,7 +65,7 @@ def read_scores(path: str, records: Sequence[dict]) -> tuple[list[int], np.ndarr
 
 def sasrec_logits(sasrec_dir: str, records: Sequence[dict], split_name: str) -> np.ndarray:
     """[n, K] SASRec's logits of each record's candidates, from the run's exported states and table."""
-    from rsllm_jax.train import user_states
+    from rsllm_jax.checkpoint import user_states
 
     table = np.load(os.path.join(sasrec_dir, "item_embeddings.npy"))
     with np.load(os.path.join(sasrec_dir, user_states.FILENAME), allow_pickle=False) as z:

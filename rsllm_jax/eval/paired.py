@@ -43,7 +43,7 @@ def sign_test(base: Sequence[int], new: Sequence[int]) -> tuple[int, int, float]
 
 def sasrec_hits(run_dir: str, test_records: Sequence[dict]) -> dict[str, int]:
     """User -> 1 if SASRec's highest-logit candidate is the target (ties: the first listed)."""
-    from rsllm_jax.train import user_states
+    from rsllm_jax.checkpoint import user_states
 
     table = np.load(os.path.join(run_dir, "item_embeddings.npy"))
     with np.load(os.path.join(run_dir, user_states.FILENAME), allow_pickle=False) as z:
@@ -87,7 +87,7 @@ HITS_FORMAT = "rsllm_jax.paired_hits/1"
 
 def hits_record(source: str, hits: dict[str, int], dataset: str, test_records: Sequence[dict]) -> dict:
     """The durable record of one side's per-row hits (what `--save_hits` writes)."""
-    from rsllm_jax.train import user_states
+    from rsllm_jax.checkpoint import user_states
 
     return dict(format=HITS_FORMAT, source=source, dataset=dataset, rows=len(hits), hit_count=int(sum(hits.values())),
                 test_checksum=user_states.histories_checksum(test_records), hits=dict(sorted(hits.items())))
@@ -96,7 +96,7 @@ def hits_record(source: str, hits: dict[str, int], dataset: str, test_records: S
 def load_hits_file(path: str, test_records: Sequence[dict]) -> dict[str, int]:
     """User -> hit from a `--save_hits` file, refused (naming the file and field) if it is not one or if it
     scored other test rows."""
-    from rsllm_jax.train import user_states
+    from rsllm_jax.checkpoint import user_states
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -123,7 +123,7 @@ def hits_file_name(side: str) -> str:
 
 
 def run_hits(run_dir: str, test_records: Sequence[dict], split=None) -> dict[str, int]:
-    from rsllm_jax.train import user_states
+    from rsllm_jax.checkpoint import user_states
 
     if run_dir.endswith(".json") and os.path.isfile(run_dir):
         return load_hits_file(run_dir, test_records)

@@ -96,7 +96,7 @@ def plot_val_curves(results: Sequence[dict], out: str, metrics=("val/hr1_cand", 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rsllm_jax.plot import read_metrics
+    from rsllm_jax.run_files import read_metrics
 
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
     fig, axes = plt.subplots(len(datasets), len(metrics), figsize=(5 * len(metrics), 3.2 * len(datasets)),

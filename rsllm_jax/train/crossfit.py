@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 from absl import logging
 
-from rsllm_jax.train import user_states
+from rsllm_jax.checkpoint import user_states
 
 
 def fold_of(user: str, num_folds: int) -> int:

@@ -43,7 +43,8 @@ from rsllm_jax.train.optimizer import (
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.nce_pool import nce_pool_size
 from rsllm_jax.train.rsllm_step import rsllm_objective
-from rsllm_jax.train import crossfit, user_states
+from rsllm_jax.checkpoint import user_states
+from rsllm_jax.train import crossfit
 from rsllm_jax.train.preemption import Preempted, Preemption
 from rsllm_jax.run_files import is_writer, write_json_atomic
 from rsllm_jax.train.run_log import MetricsLog, Progress

@@ -25,7 +25,7 @@ from rsllm_jax.data import pipeline, sasrec_batches
 from rsllm_jax.data.splits import SplitData, eval_subset, load_split_from_config
 from rsllm_jax.eval import ranking
 from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table, set_item_tables
-from rsllm_jax.train import user_states
+from rsllm_jax.checkpoint import user_states
 from rsllm_jax.train.nonfinite import NonFiniteGuard, skip_nonfinite
 from rsllm_jax.train.sasrec_step import eval_scores, train_step
 from rsllm_jax.train.preemption import Preempted, Preemption

@@ -42,7 +42,7 @@ def setup(root: pathlib.Path) -> dict[str, list[str]]:
     root.mkdir(parents=True, exist_ok=True)
     inter, items = write_custom_dataset(root / "data")
     model_dir = save_tiny_llm(root / "tiny-llama")
-    data = [f"--config.data.dataset=custom", f"--config.data.custom_interactions={inter}",
+    data = ["--config.data.dataset=custom", f"--config.data.custom_interactions={inter}",
             f"--config.data.custom_items={items}", f"--config.data.cache_dir={root / 'cache'}"]
     py = [sys.executable, "-m", "rsllm_jax.main"]
     sasrec = py + ["--config=configs/tiny.py", *data, "--config.sasrec.epochs=6", "--config.sasrec.patience=100",

@@ -1,9 +1,9 @@
 """Training curves as PNG from a run's metrics.jsonl.
 
-python -m rsllm_jax.plot --workdir=runs/stage2-movielens [--out=curves.png]
+python -m rsllm_jax.report.plot --workdir=runs/stage2-movielens [--out=curves.png]
 One panel per logged series (loss terms, throughput, validation metrics) against the step.
 
-python -m rsllm_jax.plot --curves=old=runs/a,new=runs/b --metric=val/accuracy \
+python -m rsllm_jax.report.plot --curves=old=runs/a,new=runs/b --metric=val/accuracy \
     --refs="SASRec=0.38,most popular=0.20" --out=curves.png
 Learning curves: one metric of several runs against the training windows each had seen (step x
 config.train.batch_size), with horizontal reference lines.
@@ -16,26 +16,7 @@ import os
 
 from absl import app, flags
 
-SKIP = {"step", "epoch", "n", "wall_time_s"}
-
-
-def read_metrics(path: str) -> dict[str, tuple[list[float], list[float]]]:
-    """series name -> (steps, values); later lines for the same step (a resumed run) win."""
-    by_step: dict[str, dict[float, float]] = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not JSON ({e})") from None
-            step = rec.get("step")
-            for k, v in rec.items():
-                if k in SKIP or k.endswith("/n") or step is None or not isinstance(v, (int, float)) or isinstance(v, bool):
-                    continue
-                by_step.setdefault(k, {})[float(step)] = float(v)
-    return {k: (sorted(d), [d[s] for s in sorted(d)]) for k, d in by_step.items()}
+from rsllm_jax.run_files import read_metrics
 
 
 def plot(series: dict, out: str, title: str) -> str:

@@ -1,6 +1,6 @@
 """One table and one figure across datasets, from the experiment driver's results/<dataset>.json.
 
-    python -m rsllm_jax.overview --results_dir=results [--datasets=movielens,lastfm,steam] [--out=results/overview]
+    python -m rsllm_jax.report.overview --results_dir=results [--datasets=movielens,lastfm,steam] [--out=results/overview]
 
 Writes <out>.md (row x dataset: accuracy = hits / all test rows, with the hit count, and ValidRatio;
 mean ± std when a row has several seeds) and <out>.png (accuracy per row, one group per dataset, with
@@ -31,10 +31,10 @@ def load(results_dir: str, datasets=DATASETS) -> dict[str, dict]:
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not JSON ({e}); rebuild it with "
-                             f"`python -m rsllm_jax.experiments --dataset={ds} --collect_only`") from None
+                             f"`python -m rsllm_jax.report.experiments --dataset={ds} --collect_only`") from None
         for key in ("summary", "runs"):
             if not isinstance(data.get(key), (dict, list)):
-                raise ValueError(f"{path}: field '{key}' missing; not written by rsllm_jax.experiments?")
+                raise ValueError(f"{path}: field '{key}' missing; not written by rsllm_jax.report.experiments?")
         out[ds] = data
     if not out:
         raise FileNotFoundError(f"no results/<dataset>.json for {', '.join(datasets)} under {results_dir}")
@@ -208,7 +208,7 @@ def main(argv):
 
 if __name__ == "__main__":
     # Defined here, not at import: tests and other tools import this module next to other CLIs' flags.
-    flags.DEFINE_string("results_dir", "results", "where rsllm_jax.experiments wrote <dataset>.json")
+    flags.DEFINE_string("results_dir", "results", "where rsllm_jax.report.experiments wrote <dataset>.json")
     flags.DEFINE_list("datasets", list(DATASETS), "datasets to include (those without a results file are skipped)")
     flags.DEFINE_string("out", None, "output path without extension (default <results_dir>/overview)")
     app.run(main)

@@ -1,10 +1,10 @@
 """Regenerate the tables (and comparison figures) of docs/results.md from the committed results.
 
-    python -m rsllm_jax.results_doc --results_dir=results --doc=docs/results.md
+    python -m rsllm_jax.report.results_doc --results_dir=results --doc=docs/results.md
 
 A table sits between `<!-- name -->` and `<!-- /name -->`; everything outside the markers is prose and
 is left alone. Every number comes from a committed file: the driver's results/<dataset>.{md,json},
-results/overview.md (`python -m rsllm_jax.overview`), and each comparison's own results json and
+results/overview.md (`python -m rsllm_jax.report.overview`), and each comparison's own results json and
 metrics.jsonl logs (the paths are in COMPARISONS and STEP_TABLES below, next to the experiment that
 wrote them). A marker this module does not know, or one left open, is an error naming its line.
 The figures in FIGURES (training loss against windows seen, per comparison) are redrawn next to the doc.
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from absl import app, flags
 
-from rsllm_jax.experiments import mean_std as _stats
-from rsllm_jax.overview import cell as _cell
+from rsllm_jax.report.experiments import mean_std as _stats
+from rsllm_jax.report.overview import cell as _cell
 from rsllm_jax.train.nce_pool import nce_pool_size
 
 DATASETS = ("movielens", "lastfm", "steam")
@@ -137,7 +137,7 @@ def dataset_table(results_dir: str, ds: str) -> str | None:
     md = open(path).read()
     start = md.find("| row | what | seeds |")
     if start < 0:
-        raise ValueError(f"{path}: no table header '| row | what | seeds |'; not written by rsllm_jax.experiments?")
+        raise ValueError(f"{path}: no table header '| row | what | seeds |'; not written by rsllm_jax.report.experiments?")
     end = md.find("\nNot in the table", start)
     return md[start:end if end >= 0 else len(md)].rstrip()
 
@@ -455,6 +455,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("results_dir", "results", "the committed results (rsllm_jax.experiments --results_dir)")
+    flags.DEFINE_string("results_dir", "results", "the committed results (rsllm_jax.report.experiments --results_dir)")
     flags.DEFINE_string("doc", "docs/results.md", "the markdown file whose marked tables to regenerate")
     app.run(main)

@@ -1,6 +1,6 @@
 """Run every row of one dataset's results table, resumably, then collect the tables.
 
-    python -m rsllm_jax.experiments --dataset=movielens --root=runs/exp [--seeds=0,1,2] [--rows=rsllm,no_ut]
+    python -m rsllm_jax.report.experiments --dataset=movielens --root=runs/exp [--seeds=0,1,2] [--rows=rsllm,no_ut]
         [--dry_run] [--collect_only] [--likelihood] [--sasrec_dir=runs/sasrec-movielens]
         [--stage1_dir=runs/exp/movielens/text_ft-s0] [--lr=8e-4]
         [--row_flag=text_ft:--config.train.max_train_samples=384 ...]
@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 LLARA_LR = {"movielens": 8e-4, "lastfm": 7e-4, "steam": 5e-4}
 CONFIG_KINDS = ("sasrec", "stage1", "stage2", "eval")
@@ -151,7 +151,7 @@ class Run:
 # ---------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m rsllm_jax.experiments", allow_abbrev=False,
+        prog="python -m rsllm_jax.report.experiments", allow_abbrev=False,
         description="Run every row of one dataset's results table (resumable), then write the tables. "
                     "Flags after `--` go to every LLM row.")
     p.add_argument("--dataset", required=True, help="movielens | lastfm | steam | custom")
@@ -499,7 +499,8 @@ def plot_curves(run: Run, dataset: str) -> str | None:
         return out
     try:
         # Imported here: only a run that has metrics needs it.
-        from rsllm_jax.plot import plot, read_metrics
+        from rsllm_jax.report.plot import plot
+        from rsllm_jax.run_files import read_metrics
 
         series = read_metrics(metrics)
         if not series:
@@ -586,7 +587,7 @@ def nip_per_answer(workdir: str) -> dict | None:
     path = os.path.join(workdir, "metrics.jsonl")
     if not cfg or not os.path.exists(path):
         return None
-    from rsllm_jax.plot import read_metrics  # light: matplotlib is imported only when plotting
+    from rsllm_jax.run_files import read_metrics  # light: matplotlib is imported only when plotting
 
     try:
         series = read_metrics(path)
@@ -697,7 +698,7 @@ def save_hits(opts, run: Run, runs: list[Run]) -> dict:
 
     if run.row.kind not in ("sasrec", "stage1", "stage2", "eval") or run.reused:
         return {}
-    from rsllm_jax.train import user_states
+    from rsllm_jax.checkpoint import user_states
 
     if not any(os.path.exists(os.path.join(run.workdir, f)) for f in ("predictions_test.jsonl", user_states.FILENAME)):
         return {}  # nothing per row to record (and no split to load)

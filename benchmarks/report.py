@@ -81,6 +81,9 @@ def markdown(results: dict) -> str:
         p = results["matmul"]["peak_gflops"]
         sizes = ", ".join(results["matmul"]["gflops"]["jax"])
         lines += ["", f"Measured f32 matmul peak: jax {p['jax']:.1f} GFLOP/s, torch {p['torch']:.1f} GFLOP/s ({sizes})."]
+        b = results["matmul"].get("bf16_peak_gflops")
+        if b:
+            lines[-1] += f" bf16 (fp32 accumulation): jax {b['jax']:.1f}, torch {b['torch']:.1f} GFLOP/s."
     if "matmul" in results and "memory_bandwidth" in results["matmul"]:
         lines += ["", f"Measured memory bandwidth: {results['matmul']['memory_bandwidth']['gb_per_s']:.1f} GB/s "
                       f"({results['matmul']['memory_bandwidth']['method']})."]
@@ -104,6 +107,10 @@ def markdown(results: dict) -> str:
                          f"{r['windows_per_s']:.3f} | {r['windows_per_s'] / t['windows_per_s']:.2f}x |")
         lines.append(f"| torch | each batch to its longest row | {t['padding_fraction']:.3f} | - | - | "
                      f"{t['windows_per_s']:.3f} | 1.00x |")
+        if "torch_bf16" in w:
+            tb = w["torch_bf16"]
+            lines.append(f"| torch | each batch to its longest row, bf16 autocast | {tb['padding_fraction']:.3f} | - | - "
+                         f"| {tb['windows_per_s']:.3f} | {tb['windows_per_s'] / t['windows_per_s']:.2f}x |")
     if "train" in results:
         lines += ["", "| first-step loss | jax | torch | abs diff | ok |", "|---|---|---|---|---|"]
         for k, v in results["train"]["losses"].items():

@@ -63,6 +63,8 @@ _SAS_BATCH = flags.DEFINE_integer("sasrec_batch", 256, "SASRec batch size (confi
 _DROPOUT = flags.DEFINE_float("lora_dropout", 0.0, "LoRA dropout of both train steps (the configs train with 0.1; "
                               "0 makes the first-step losses comparable, >0 measures what dropout costs)")
 _WINDOWS = flags.DEFINE_integer("windows", 64, "Real training windows the windows section trains (both frameworks)")
+_WIN_BF16 = flags.DEFINE_bool("windows_bf16", True, "Windows section: also bf16 compute (JAX: bf16 matmuls with fp32 "
+                                "master weights; PyTorch: torch.autocast bf16)")
 _WIN_DROPOUT = flags.DEFINE_float("windows_lora_dropout", 0.1, "LoRA dropout of the windows section (the configs')")
 _MM_SIZES = flags.DEFINE_list("matmul_sizes", ["2048", "3072", "4096"], "Square matmul sizes for the peak")
 _MM_REPEATS = flags.DEFINE_integer("matmul_repeats", 5, "Matmuls per size (best is kept)")
@@ -127,9 +129,12 @@ def run_windows_section(llm) -> dict:
     try:
         windows = section_windows.real_windows(tokenizer, setup.built.model.config.llm.vocab_size, _WINDOWS.value)
         batch = setup.cfg.train.batch_size
+        bf16 = llm_setup.build(llm, scan_layers=_SCAN.value, target_len=_TARGET.value, remat_policy=_REMAT.value,
+                               lora_dropout=_WIN_DROPOUT.value, dtype="bfloat16",
+                               with_torch=False) if _WIN_BF16.value else None
         res = section_windows.run(setup, windows, batch=batch, bucket_sets={
             "buckets 256, 384, ... (before)": section_windows.COARSE_BUCKETS,
-            "FINE_BUCKETS (the configs')": FINE_BUCKETS})
+            "FINE_BUCKETS (the configs')": FINE_BUCKETS}, bf16_setup=bf16)
         res["lora_dropout"] = _WIN_DROPOUT.value
         return res
     finally:

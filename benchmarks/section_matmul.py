@@ -1,4 +1,4 @@
-"""Section 4: this machine's f32 matmul peak, measured in the same process as the workloads.
+"""Section 4: this machine's f32 (and bf16) matmul peak, measured in the same process as the workloads.
 
 MFU needs a denominator; a CPU's datasheet peak is rarely reachable and depends on clocks, SIMD width
 and what else runs, so we measure the best square-matmul throughput each framework gets here and
@@ -20,17 +20,17 @@ def _best_gflops(fn, n: int, repeats: int) -> float:
     return flops.matmul_flops(n) / best / 1e9
 
 
-def jax_gflops(n: int, repeats: int) -> float:
+def jax_gflops(n: int, repeats: int, dtype: str = "float32") -> float:
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]  # the benchmarks' one device
-    a, b = (jax.device_put(rng.standard_normal((n, n), np.float32), dev) for _ in range(2))
-    dot = jax.jit(jnp.dot)
+    a, b = (jax.device_put(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype)), dev) for _ in range(2))
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))  # bf16: fp32 accumulation
     return _best_gflops(lambda: dot(a, b).block_until_ready(), n, repeats)
 
 
-def torch_gflops(n: int, repeats: int) -> float:
+def torch_gflops(n: int, repeats: int, dtype: str = "float32") -> float:
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a, b = (torch.randn(n, n, generator=g).to(getattr(torch, dtype)) for _ in range(2))
     return _best_gflops(lambda: torch.matmul(a, b), n, repeats)
 
 
@@ -52,7 +52,11 @@ def run(*, sizes: list[int], repeats: int, bandwidth_mib: int = 512) -> dict:
     torch_res = {str(n): torch_gflops(n, repeats) for n in sizes}
     peak = dict(jax=max(jax_res.values()), torch=max(torch_res.values()))
     peak["machine"] = max(peak.values())
+    # bf16 (AMX / AVX512-BF16 where the CPU has them): the ceiling a bf16-compute train step can approach.
+    bf16 = dict(jax={str(n): jax_gflops(n, repeats, "bfloat16") for n in sizes},
+                torch={str(n): torch_gflops(n, repeats, "bfloat16") for n in sizes})
     return dict(gflops=dict(jax=jax_res, torch=torch_res), peak_gflops=peak, dtype="float32",
+                bf16_gflops=bf16, bf16_peak_gflops={k: max(v.values()) for k, v in bf16.items()},
                 memory_bandwidth=memory_bandwidth(bandwidth_mib),
                 method=f"best of {repeats} after 1 warm-up, 2*n^3 FLOPs per n x n matmul",
                 torch_threads=torch.get_num_threads())

@@ -97,7 +97,8 @@ def run_jax(setup: Setup, bs: list[dict]) -> dict:
     return dict(step_s=times, total_s=sum(times), compile_s=compile_s, shapes=sorted(compiled))
 
 
-def run_torch(setup: Setup, bs: list[dict]) -> dict:
+def run_torch(setup: Setup, bs: list[dict], autocast_bf16: bool = False) -> dict:
+    """`autocast_bf16`: the PyTorch way of bf16 compute (torch.autocast: bf16 matmuls, fp32 weights)."""
     cfg, model = setup.cfg, setup.torch_model
     opt = torch.optim.AdamW(torch_reference.trainable_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=(cfg.optim.b1, cfg.optim.b2), eps=cfg.optim.eps)
@@ -108,25 +109,40 @@ def run_torch(setup: Setup, bs: list[dict]) -> dict:
         t0 = time.perf_counter()
         tb = {k: torch.from_numpy(np.asarray(v)) for k, v in b.items()}
         opt.zero_grad(set_to_none=True)
-        total, _ = model.losses(tb, cfg.loss.weight_tt, cfg.loss.weight_ut, cfg.loss.temperature)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            total, _ = model.losses(tb, cfg.loss.weight_tt, cfg.loss.weight_ut, cfg.loss.temperature)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         opt.step()
         times.append(time.perf_counter() - t0)
-    return dict(step_s=times, total_s=sum(times), torch_threads=torch.get_num_threads())
+    return dict(step_s=times, total_s=sum(times), torch_threads=torch.get_num_threads(),
+                compute="bf16 autocast" if autocast_bf16 else "fp32")
 
 
-def run(setup: Setup, windows: list[dict], *, batch: int, bucket_sets: dict[str, tuple]) -> dict:
-    """JAX once per bucket set (name -> buckets), PyTorch once (each batch to its longest row)."""
+def run(setup: Setup, windows: list[dict], *, batch: int, bucket_sets: dict[str, tuple],
+        bf16_setup: Setup | None = None) -> dict:
+    """JAX once per bucket set (name -> buckets), PyTorch once (each batch to its longest row). With
+    `bf16_setup` (the same model built with bf16 compute), JAX again at the last bucket set in bf16, and
+    PyTorch under bf16 autocast: the same job in each framework's mixed-precision way."""
     out = dict(windows=len(windows) // batch * batch, batch=batch, jax={})
     for name, buckets in bucket_sets.items():
         bs = batches(windows, batch, buckets)
         r = run_jax(setup, bs)
         r.update(windows_per_s=out["windows"] / r["total_s"], padding_fraction=padding_fraction(bs),
-                 buckets=list(buckets))
+                 buckets=list(buckets), compute="fp32")
         out["jax"][name] = r
+    if bf16_setup is not None:
+        bs = batches(windows, batch, buckets)
+        r = run_jax(bf16_setup, bs)
+        r.update(windows_per_s=out["windows"] / r["total_s"], padding_fraction=padding_fraction(bs),
+                 buckets=list(buckets), compute="bf16 matmuls, fp32 master weights")
+        out["jax"][f"{name}, bf16"] = r
     bs = batches(windows, batch, None)
     r = run_torch(setup, bs)
     r.update(windows_per_s=out["windows"] / r["total_s"], padding_fraction=padding_fraction(bs))
     out["torch"] = r
+    if bf16_setup is not None:
+        r = run_torch(setup, bs, autocast_bf16=True)
+        r.update(windows_per_s=out["windows"] / r["total_s"], padding_fraction=padding_fraction(bs))
+        out["torch_bf16"] = r
     return out

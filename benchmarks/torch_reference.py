@@ -95,7 +95,8 @@ class TorchRSLLM(torch.nn.Module):
         if is_added.any():
             x = torch.where(is_added[..., None], self.added((input_ids - self.vocab_size).clamp(min=0)), x)
         is_slot = slot_items >= 0
-        x[is_slot] = self.projector(self.item_table[slot_items[is_slot]])  # only the slots are projected
+        # Only the slots are projected (under autocast the projector's output is bf16: cast to the embedding's).
+        x[is_slot] = self.projector(self.item_table[slot_items[is_slot]]).to(x.dtype)
         return x
 
     def hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,9 @@ def get_config():
     c.train.checkpoint_every_steps = 50
     c.train.keep_checkpoints = 2
     c.train.stop_after_steps = 0  # >0: save and exit after this step (simulates preemption; resume tests)
+    # A run directory whose latest checkpoint (state, data position, log window) starts this run when its own
+    # workdir has none: fork a run (e.g. train past its budget, or with other eval settings) into a new dir.
+    c.train.resume_from = ""
     c.train.val_samples = 0  # 0 = all validation rows when picking the best checkpoint
 
     c.stage1 = ml_collections.ConfigDict()

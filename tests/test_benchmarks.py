@@ -78,6 +78,10 @@ def test_windows_section_trains_real_prompts_in_both_frameworks(results):
         assert 0 <= r["padding_fraction"] < 1 and r["shapes"], name
     # Padding each batch to its own longest row wastes no more than any bucketing of the same batches.
     assert torch_r["padding_fraction"] <= min(r["padding_fraction"] for r in w["jax"].values()) + 1e-9
+    # bf16 compute is a row of each framework, on the same batches.
+    assert [r["compute"] for r in w["jax"].values()].count("bf16 matmuls, fp32 master weights") == 1
+    assert _positive(w["torch_bf16"]["windows_per_s"]) and w["torch_bf16"]["compute"] == "bf16 autocast"
+    assert all(_positive(v) for v in results["matmul"]["bf16_peak_gflops"].values())
 
 
 def test_first_step_losses_agree_between_jax_and_torch(results):

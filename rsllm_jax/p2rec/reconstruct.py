@@ -14,7 +14,6 @@ Grain iterator), categories.npz (assignments, centroids), results.json.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -28,7 +27,6 @@ import numpy as np
 from absl import logging
 
 from rsllm_jax import sharding
-from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax.checkpoint.run_dirs import has_checkpoint, sibling_dir
 from rsllm_jax.data import pipeline
 from rsllm_jax.data.sasrec_batches import left_pad
@@ -40,12 +38,11 @@ from rsllm_jax.p2rec.common import (
     TitlePrompts, pooled_states, run_batched, sasrec_config_from_params,
 )
 from rsllm_jax.train import step as step_lib
-from rsllm_jax.train.nonfinite import NonFiniteGuard
+from rsllm_jax.train import loop
 from rsllm_jax.train.optimizer import count_params, make_optimizer, schedule_for
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.rsllm_trainer import subsample
 from rsllm_jax.run_files import is_writer, write_json_atomic
-from rsllm_jax.train.run_log import MetricsLog, Progress
 
 HEAD = "p2rec_head"  # the head's subtree next to the RSLLM tree (llm/, added_embeddings/)
 USER_SEQUENCES = ("full", "history")
@@ -314,15 +311,6 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
     step_fn = step_lib.jit_train_step(loss_fn, tx, accum, state_sh, batch_sh, repl)
     rng = jax.random.key(cfg.seed)
 
-    ckpts = RunCheckpoints(workdir, keep=cfg.train.keep_checkpoints)
-    meta = dict(best_val_kl=None, config=json.loads(cfg.to_json_best_effort()))
-    if ckpts.latest_step() is not None:
-        abstract = jax.eval_shape(lambda: state.saveable())
-        step0, saved, meta = ckpts.restore_latest(abstract, data_iter)
-        saved = jax.device_put(saved, dict(step=repl, trainable=trainable_sh, opt_state=state_sh.opt_state))
-        state = state.replace(**saved)
-        logging.info("resumed p2rec reconstruct from step %d in %s", step0, workdir)
-
     eval_logits = jax.jit(functools.partial(preference_logits, built.model, head))
 
     def validate(st) -> dict:
@@ -331,45 +319,26 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
         return dict(kl=float(kl_to_prior(val_prior, logits)), n=len(val_users),
                     top1_agree=float(np.mean(logits.argmax(-1) == val_prior.argmax(-1))))
 
-    log = MetricsLog(workdir)
-    guard = NonFiniteGuard(cfg.get("max_nonfinite_steps", 5), "p2rec reconstruct", workdir, log,
-                           hint="lower config.optim.lr")
-    start = int(state.step)
-    progress = Progress(total_steps, start, desc=f"p2rec_reconstruct[{split.dataset}]")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for step in range(start, total_steps):
-            batch = sharding.global_batch(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch, rng)
-            done = step + 1
-            finite = guard.check(done, metrics)
-            if finite and (done % cfg.log_every_steps == 0 or done == total_steps or done == start + 1):
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                progress.update(done - progress.bar.n, (done - progress.bar.n) * bs, m, item_name="users")
-                log.write(dict(step=done, lr=float(lr_schedule(step)), **m))
-            improved = False
-            if (cfg.train.eval_every_steps and done % cfg.train.eval_every_steps == 0) or done == total_steps:
-                val = validate(state)
-                log.write({"step": done, **{f"val/{k}": v for k, v in val.items()}})
-                progress.write(f"step {done}: val KL {val['kl']:.4f} top-1 category agreement {val['top1_agree']:.3f}")
-                if meta["best_val_kl"] is None or val["kl"] < meta["best_val_kl"]:
-                    meta["best_val_kl"], improved = val["kl"], True
-                    ckpts.save_best(done, state.saveable(), val, meta=dict(step=done))
-            preempt = bool(cfg.train.stop_after_steps) and cfg.train.stop_after_steps <= done < total_steps
-            if improved or preempt or done % cfg.train.checkpoint_every_steps == 0 or done == total_steps:
-                ckpts.save(done, state.saveable(), data_iter, meta=meta)
-            if preempt:  # simulated preemption (config.train.stop_after_steps): resume by running again
-                progress.close()
-                ckpts.wait()
-                ckpts.close()
-                return dict(stage="p2rec_reconstruct", interrupted_at=done)
-    progress.close()
-    ckpts.wait()
+    def reconstruct_step(st, host_batch):
+        st, metrics = step_fn(st, sharding.global_batch(host_batch, mesh), rng)
+        return st, metrics, bs
 
-    best_step = ckpts.best_step()
-    if best_step is not None:
-        _, saved, _ = ckpts.restore_best(jax.eval_shape(lambda: state.saveable()))
-        state = state.replace(trainable=jax.device_put(saved["trainable"], trainable_sh))
-    ckpts.close()
+    every = cfg.train.eval_every_steps
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        outcome = loop.run(loop.Stage(
+            name="p2rec reconstruct", total_steps=total_steps, state=state, batches=data_iter, step=reconstruct_step,
+            saveable=lambda st: st.saveable(), load=functools.partial(loop.load_train_state, state_sh),
+            # Validated every `eval_every_steps` (0: only at the end); the best is the lowest val KL.
+            validation=loop.Validation(
+                due=lambda done: bool(every and done % every == 0) or done == total_steps,
+                run=validate, score=lambda val: -val["kl"],
+                describe=lambda done, val: (f"step {done}: val KL {val['kl']:.4f} top-1 category agreement "
+                                            f"{val['top1_agree']:.3f}")),
+            item_name="users", desc=f"p2rec_reconstruct[{split.dataset}]", **loop.llm_stage_settings(cfg, lr_schedule),
+        ), workdir)
+    if outcome.interrupted_at is not None:  # simulated preemption (config.train.stop_after_steps): run again
+        return dict(stage="p2rec_reconstruct", interrupted_at=outcome.interrupted_at)
+    state, best_step = outcome.state, outcome.best_step
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         val = validate(state)
     # Reference points: predicting uniform, or every user's prior as the mean training prior.
@@ -381,10 +350,10 @@ def run_reconstruct(cfg, workdir: str, *, llm=None) -> dict:
         stage="p2rec_reconstruct", dataset=split.dataset, sasrec_dir=os.path.abspath(sasrec_dir),
         num_categories=num_cat, category_sizes=sizes.tolist(), user_sequence=p.user_sequence,
         train_users=n_train, train_users_available=n_all_users, steps=total_steps,
-        best_step=best_step if best_step is not None else int(state.step), val=val, val_baselines=baselines,
+        best_step=best_step, val=val, val_baselines=baselines,
         prior_temperature=temperature, temperature_calibration=calibration,
         prior_mean_entropy=dict(train=_mean_entropy(train_prior), val=_mean_entropy(val_prior)),
-        wall_time_s=round(time.time() - t_start, 1),
+        wall_time_s=round(time.time() - t_start, 1), train_time_s=round(outcome.train_time_s, 1),
     )
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     logging.info("p2rec reconstruct %s: val %s (baselines %s)", split.dataset, val, baselines)

@@ -158,30 +158,34 @@ def _labels(runs: list[dict]) -> list[str]:
     return [f"`{e['row']}`" + (f" s{e.get('seed', 0)}" if len(seeds[e["row"]]) > 1 else "") for e in runs]
 
 
-def likelihood_table(results_dir: str) -> str:
-    lines = ["| dataset | row | LL HR@1 | hits | LL HR@1, summed log-likelihood | mean rank of the target (of 20) | "
-             "copy + choice nats |", "|---|---|---|---|---|---|---|"]
+def _labelled_runs(results_dir: str):
+    """(dataset, finished run, its table label) over every dataset's driver output, in table order."""
     for ds in DATASETS:
         runs = _finished_runs(os.path.join(results_dir, f"{ds}.json"))
         for e, label in zip(runs, _labels(runs)):
-            m = e.get("metrics") or {}
-            if m.get("likelihood_hr1") is not None:
-                lines.append(f"| {ds} | {label} | {m['likelihood_hr1']:.3f} | {round(m['likelihood_hr1'] * m['n'])} / "
-                             f"{m['n']} | {m['likelihood_sum_hr1']:.3f} | {m['likelihood_mean_rank']:.2f} | "
-                             f"{_copy_choice(m)} |")
+            yield ds, e, label
+
+
+def likelihood_table(results_dir: str) -> str:
+    lines = ["| dataset | row | LL HR@1 | hits | LL HR@1, summed log-likelihood | mean rank of the target (of 20) | "
+             "copy + choice nats |", "|---|---|---|---|---|---|---|"]
+    for ds, e, label in _labelled_runs(results_dir):
+        m = e.get("metrics") or {}
+        if m.get("likelihood_hr1") is not None:
+            lines.append(f"| {ds} | {label} | {m['likelihood_hr1']:.3f} | {round(m['likelihood_hr1'] * m['n'])} / "
+                         f"{m['n']} | {m['likelihood_sum_hr1']:.3f} | {m['likelihood_mean_rank']:.2f} | "
+                         f"{_copy_choice(m)} |")
     return "\n".join(lines)
 
 
 def nip_table(results_dir: str) -> str:
     lines = ["| dataset | run | answer tokens | NIP per answer at step 1 | NIP per answer, last quarter of the steps "
              "| above the copy floor (ln 20 = 3.00) |", "|---|---|---|---|---|---|"]
-    for ds in DATASETS:
-        runs = _finished_runs(os.path.join(results_dir, f"{ds}.json"))
-        for e, label in zip(runs, _labels(runs)):
-            n = e.get("nip_per_answer")
-            if n:
-                lines.append(f"| {ds} | {label} | {n['tokens_per_answer']:.1f} | {n['first']:.2f} | {n['last']:.2f} | "
-                             f"+{n['last'] - n['copy_floor']:.2f} |")
+    for ds, e, label in _labelled_runs(results_dir):
+        n = e.get("nip_per_answer")
+        if n:
+            lines.append(f"| {ds} | {label} | {n['tokens_per_answer']:.1f} | {n['first']:.2f} | {n['last']:.2f} | "
+                         f"+{n['last'] - n['copy_floor']:.2f} |")
     return "\n".join(lines)
 
 

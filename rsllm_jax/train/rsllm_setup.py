@@ -8,6 +8,8 @@ tree never exists twice (big_vision's PaliGemma recipe).
 """
 from __future__ import annotations
 
+import re
+
 import dataclasses
 from typing import Any
 
@@ -98,10 +100,15 @@ def build_rsllm(
         expected = expected_shapes[k]
         if tuple(v.shape) != tuple(expected.shape):
             raise ValueError(f"parameter {k}: loaded shape {tuple(v.shape)} != model shape {tuple(expected.shape)}")
-    loaded = {k: jax.device_put(v.astype(param_dtype), flat_sh[k]) for k, v in loaded.items()}
+    # Trained leaves (LoRA, projector, added rows) are fp32 master weights whatever param_dtype is: a bf16
+    # update of a bf16 weight loses every step smaller than 2^-8 of it. The frozen base is stored in param_dtype.
+    trained = [re.compile(r) for r in cfg.trainable]
+    dtype_of = lambda k: jnp.float32 if any(p.fullmatch(k) for p in trained) else param_dtype  # noqa: E731
+    loaded = {k: jax.device_put(v.astype(dtype_of(k)), flat_sh[k]) for k, v in loaded.items()}
 
     def partial_init(rng, loaded_flat):
         fresh = traverse_util.flatten_dict(nn.meta.unbox(model.init(rng, *inputs)["params"]), sep="/")
+        fresh = {k: v.astype(dtype_of(k)) for k, v in fresh.items()}
         fresh.update(loaded_flat)
         return traverse_util.unflatten_dict(fresh, sep="/")
 

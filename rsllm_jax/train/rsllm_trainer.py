@@ -1,4 +1,4 @@
-"""Stages 1 and 2 (spec §5) and stand-alone evaluation: the loop around the pure step.
+"""Stages 1 and 2 (spec §5) and stand-alone evaluation: what the stages give the one loop (train/loop.py).
 
 stage1: text-only prompts over the union of `config.stage1.datasets`' train splits; NIP + both InfoNCE
         on text-only representations; LoRA (and added-token rows) trained.
@@ -12,7 +12,7 @@ state, step, Grain iterator, config), metrics_<split>.json, predictions_<split>.
 """
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
 import shutil
@@ -24,11 +24,9 @@ import numpy as np
 from absl import logging
 
 from rsllm_jax import sharding
-from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax import stages
 from rsllm_jax.checkpoint.run_dirs import has_checkpoint, restore_trainable
 from rsllm_jax.data.prompt_pipeline import SasrecOrder, TrainExample, train_batches
-from rsllm_jax.train.nonfinite import NonFiniteGuard
 from rsllm_jax.data.prompts import DOMAIN_OF_DATASET, PromptBuilder, PromptSettings, repad
 from rsllm_jax.data.splits import SplitData, load_split_from_config
 from rsllm_jax.eval.evaluate import Evaluator, params_fingerprint
@@ -44,10 +42,8 @@ from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.nce_pool import nce_pool_size
 from rsllm_jax.train.rsllm_step import rsllm_objective
 from rsllm_jax.checkpoint import user_states
-from rsllm_jax.train import crossfit
-from rsllm_jax.train.preemption import Preempted, Preemption
+from rsllm_jax.train import crossfit, loop
 from rsllm_jax.run_files import is_writer, write_json_atomic
-from rsllm_jax.train.run_log import MetricsLog, Progress
 
 
 # ---------------------------------------------------------------- inputs
@@ -192,17 +188,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                                    opt_state=step_lib.opt_state_shardings(tx, trainable, mesh))
     with jax.set_mesh(mesh):
         state = jax.device_put(state, state_sh)
-    batch_sh = None  # set from the first batch's keys (bucketed lengths differ, shardings do not)
     rng = jax.random.key(cfg.seed)
-
-    ckpts = RunCheckpoints(workdir, keep=cfg.train.keep_checkpoints)
-    meta = dict(best_val=-1.0, config=json.loads(cfg.to_json_best_effort()))
-    if ckpts.latest_step() is not None:
-        abstract = jax.eval_shape(lambda: state.saveable())
-        step0, saved, meta = ckpts.restore_latest(abstract, data_iter)
-        saved = jax.device_put(saved, dict(step=repl, trainable=trainable_sh, opt_state=state_sh.opt_state))
-        state = state.replace(**saved)
-        logging.info("resumed %s from step %d in %s", stage, step0, workdir)
 
     val_records = splits[target].val
     if cfg.train.val_samples:
@@ -211,76 +197,42 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
                           max_new_tokens=cfg.eval.max_new_tokens, template=cfg.prompts.eval_template,
                           use_ids=use_ids, buckets=cfg.prompts.buckets, candidate_order=order,
                           **evaluator_options(cfg))
-
-    if cfg.train.eval_every_steps and not evaluator.do_generate:
+    every = cfg.train.eval_every_steps
+    if every and not evaluator.do_generate:
         raise ValueError("config.train.eval_every_steps > 0 picks the best step by generated answers' accuracy: "
                          "keep config.eval.generate=True (or set eval_every_steps=0)")
-    log = MetricsLog(workdir, resume_step=int(state.step))
-    guard = NonFiniteGuard(cfg.get("max_nonfinite_steps", 5), stage, workdir, log, hint="lower config.optim.lr")
-    step_fn = None
-    start = int(state.step)
-    progress = Progress(total_steps, start, desc=f"{stage}[{'+'.join(splits)}]")
-    tokens_since = 0
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), Preemption() as sigterm:
-        for step in range(start, total_steps):
-            host_batch = next(data_iter)
-            if step_fn is None:
-                batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in host_batch.items()}
-                step_fn = step_lib.jit_train_step(loss_fn, tx, accum, state_sh, batch_sh, repl)
-            # Hosts may have padded their blocks to different buckets: agree on the longest.
-            host_batch = repad(host_batch, sharding.max_across_processes(host_batch["input_ids"].shape[1]))
-            tokens_since += jax.process_count() * int(host_batch["attention_mask"].sum()
-                                                      + host_batch["target_attention_mask"].sum())
-            batch = sharding.global_batch(host_batch, mesh)
-            state, metrics = step_fn(state, batch, rng)
-            done = step + 1
-            finite = guard.check(done, {k: metrics[k] for k in ("loss", "grad_norm")})
-            logged = done % cfg.log_every_steps == 0 or done == total_steps or done == 1
-            if finite and (logged or done == start + 1):
-                m = jax.device_get(metrics)
-                rate = progress.update(done - progress.bar.n, tokens_since,
-                                       {k: m[k] for k in ("loss", "nip", "l_ut", "l_tt")}, item_name="tok")
-                if logged:  # a resumed run's first step shows on the bar only, so its log equals an unbroken run's
-                    log.write(dict(step=done, tokens_per_s=rate, lr=float(lr_schedule(step)),
-                                   **{k: float(v) for k, v in m.items()}))
-                tokens_since = 0
-            improved = False
-            every = cfg.train.eval_every_steps
-            # No periodic evaluation (0): the last step is the only candidate, evaluated in full below.
-            if every and (done % every == 0 or done == total_steps):
-                val = evaluator.run(merge(state), val_records, splits[target].titles, out_dir=None,
-                                    name=f"val_step{done}", two_tower=False)
-                log.write({"step": done, **{f"val/{k}": v for k, v in val.items()}})
-                progress.write(f"step {done}: val ValidRatio {val['valid_ratio']:.3f} "
-                               f"HitRatio@1 {val['hit_ratio_at_1']:.3f}")
-                # Select on accuracy (hits / all): it rewards both naming one candidate and being right.
-                if val["accuracy"] > meta["best_val"]:
-                    meta["best_val"], improved = val["accuracy"], True
-                    ckpts.save_best(done, state.saveable(), val, meta=dict(step=done))
-            preempted = done < total_steps and sigterm.requested()  # one cross-process agreement per step
-            preempt = preempted or (done < total_steps and bool(cfg.train.stop_after_steps)
-                                    and done >= cfg.train.stop_after_steps)
-            if improved or preempt or done % cfg.train.checkpoint_every_steps == 0 or done == total_steps:
-                ckpts.save(done, state.saveable(), data_iter, meta=meta)
-            if preempt:
-                progress.close()
-                ckpts.wait()
-                ckpts.close()
-                if preempted:
-                    raise Preempted(stage, done)
-                logging.info("%s: stopped after step %d (config.train.stop_after_steps)", stage, done)
-                return dict(stage=stage, interrupted_at=done)
-    progress.close()
-    ckpts.wait()
+    # No periodic evaluation (0): the last step is the only candidate, evaluated in full after training.
+    validation = None if not every else loop.Validation(
+        due=lambda done: done % every == 0 or done == total_steps,
+        run=lambda st: evaluator.run(merge(st), val_records, splits[target].titles, out_dir=None,
+                                     name=f"val_step{int(st.step)}", two_tower=False),
+        # Select on accuracy (hits / all): it rewards both naming one candidate and being right.
+        score=lambda val: val["accuracy"],
+        describe=lambda done, val: (f"step {done}: val ValidRatio {val['valid_ratio']:.3f} "
+                                    f"HitRatio@1 {val['hit_ratio_at_1']:.3f}"),
+    )
+    jitted = {}  # compiled at the first batch (bucketed lengths differ, shardings do not)
 
-    # Final evaluation of the best checkpoint on val and test.
-    if ckpts.best_step() is not None:
-        abstract = jax.eval_shape(lambda: state.saveable())
-        best_step, saved, _ = ckpts.restore_best(abstract)
-        state = state.replace(trainable=jax.device_put(saved["trainable"], trainable_sh))
-    else:
-        best_step = int(state.step)
-    ckpts.close()
+    def llm_step(st, host_batch):
+        if not jitted:
+            batch_sh = {k: sharding.batch_sharding(mesh, np.ndim(v)) for k, v in host_batch.items()}
+            jitted["fn"] = step_lib.jit_train_step(loss_fn, tx, accum, state_sh, batch_sh, repl)
+        # Hosts may have padded their blocks to different buckets: agree on the longest.
+        host_batch = repad(host_batch, sharding.max_across_processes(host_batch["input_ids"].shape[1]))
+        tokens = jax.process_count() * int(host_batch["attention_mask"].sum() + host_batch["target_attention_mask"].sum())
+        st, metrics = jitted["fn"](st, sharding.global_batch(host_batch, mesh), rng)
+        return st, metrics, tokens
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        outcome = loop.run(loop.Stage(
+            name=stage, total_steps=total_steps, state=state, batches=data_iter, step=llm_step,
+            saveable=lambda st: st.saveable(), load=functools.partial(loop.load_train_state, state_sh),
+            validation=validation, guard_keys=("loss", "grad_norm"), shown=("loss", "nip", "l_ut", "l_tt"),
+            item_name="tokens", desc=f"{stage}[{'+'.join(splits)}]", **loop.llm_stage_settings(cfg, lr_schedule),
+        ), workdir)
+    if outcome.interrupted_at is not None:
+        return dict(stage=stage, interrupted_at=outcome.interrupted_at)
+    state, best_step = outcome.state, outcome.best_step
     params = merge(state)
     item_cache = os.path.join(workdir, f"item_vectors_{params_fingerprint(state.trainable)}.npy")
     results = dict(stage=stage, dataset=target, eval_rows=splits[target].manifest.get("eval_rows"),
@@ -292,7 +244,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
             results[split_name] = evaluator.run(params, recs, splits[target].titles, out_dir=workdir, name=split_name,
                                                 two_tower=cfg.eval.two_tower, item_cache=item_cache,
                                                 limit=cfg.eval.max_rows)
-    results["wall_time_s"] = round(time.time() - t_start, 1)
+    results.update(wall_time_s=round(time.time() - t_start, 1), train_time_s=round(outcome.train_time_s, 1))
     write_json_atomic(os.path.join(workdir, "results.json"), results)
     return results
 

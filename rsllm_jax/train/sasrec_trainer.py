@@ -20,17 +20,15 @@ import optax
 from absl import logging
 
 from rsllm_jax import sharding
-from rsllm_jax.checkpoint.manager import RunCheckpoints
 from rsllm_jax.data import pipeline, sasrec_batches
 from rsllm_jax.data.splits import SplitData, eval_subset, load_split_from_config
 from rsllm_jax.eval import ranking
 from rsllm_jax.models.sasrec import SASRec, SASRecConfig, item_table, set_item_tables
 from rsllm_jax.checkpoint import user_states
-from rsllm_jax.train.nonfinite import NonFiniteGuard, skip_nonfinite
+from rsllm_jax.train import loop
+from rsllm_jax.train.nonfinite import skip_nonfinite
 from rsllm_jax.train.sasrec_step import eval_scores, train_step
-from rsllm_jax.train.preemption import Preempted, Preemption
 from rsllm_jax.run_files import is_writer, write_json_atomic
-from rsllm_jax.train.run_log import MetricsLog, Progress
 
 
 # ---------------------------------------------------------------- the run
@@ -90,8 +88,7 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
         return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     rng = jax.random.key(cfg.seed)
-    abstract_state = jax.eval_shape(init_state, rng)
-    state_sh = jax.tree.map(lambda _: repl, abstract_state)  # SASRec is small: replicate, shard the batch
+    state_sh = jax.tree.map(lambda _: repl, jax.eval_shape(init_state, rng))  # SASRec is small: replicate, shard the batch
     batch_sh = {k: sharding.batch_sharding(mesh) for k in ("seq", "pos", "neg")}
     step_fn = jax.jit(
         functools.partial(train_step, model, tx, cfg.sasrec.loss),
@@ -104,94 +101,46 @@ def train_sasrec(cfg, workdir: str, split: SplitData | None = None, *, item_init
         batch_transform=sasrec_batches.SasrecNegatives(split.num_items),
         global_batch_size=bs, seed=cfg.seed, worker_count=cfg.data.grain_workers,
     )
-    data_iter = iter(train_ds)
-    ckpts = RunCheckpoints(workdir, keep=cfg.sasrec.keep_checkpoints)
-    meta = dict(best_hr1=-1.0, best_epoch=-1, bad_evals=0, train_time_s=0.0)
-    if ckpts.latest_step() is not None:
-        step0, state, meta = ckpts.restore_latest(abstract_state, data_iter)
-        state = jax.device_put(state, state_sh)
-        logging.info("resumed from step %d (epoch %d) in %s", step0, step0 // steps_per_epoch, workdir)
-    else:
-        state = jax.jit(init_state, out_shardings=state_sh)(rng)
+    steps_epoch = lambda done: done // steps_per_epoch  # noqa: E731
+    val_stage = loop.Validation(
+        due=lambda done: done % steps_per_epoch == 0 and (
+            steps_epoch(done) % cfg.sasrec.eval_every_epochs == 0 or done == total_steps),
+        run=lambda st: evaluate(model, st["params"], split.val, cfg, mesh, eval_fn),
+        score=lambda val: val["hr1_cand"],
+        describe=lambda done, val: (f"epoch {steps_epoch(done)}: val HR@1(20 cand) {val['hr1_cand']:.4f} "
+                                    f"HR@10 {val['hr10']:.4f} NDCG@10 {val['ndcg10']:.4f}"),
+        tag=lambda done: {"epoch": steps_epoch(done)},
+        patience=cfg.sasrec.patience,
+    )
 
-    log = MetricsLog(workdir, resume_step=int(state["step"]))
-    guard = NonFiniteGuard(cfg.get("max_nonfinite_steps", 5), "sasrec", workdir, log, hint="lower config.sasrec.lr")
-    t_mark = time.time()
-    start_step = int(state["step"])
-    progress = Progress(total_steps, start_step, desc=f"sasrec[{split.dataset}]")
-    stop = False
-    # The loss averaged since the last logged step travels in the checkpoint, so a run resumed between
-    # two log steps logs the same average an unbroken run does.
-    loss_acc, n_acc = meta.pop("loss_window", (0.0, 0))
+    def sasrec_step(st, host_batch):
+        st, metrics = step_fn(st, sharding.global_batch(host_batch, mesh), rng)
+        return st, metrics, bs
 
-    def save(done: int) -> None:
-        nonlocal t_mark
-        now = time.time()
-        meta["train_time_s"] = meta.get("train_time_s", 0.0) + now - t_mark
-        t_mark = now
-        ckpts.save(done, state, data_iter, meta=dict(meta, loss_window=(float(loss_acc), n_acc)))
-
-    def end_of_epoch(done: int) -> bool:
-        """Validate, keep the best, checkpoint; True when early stopping says to stop."""
-        epoch, stop = done // steps_per_epoch, False
-        if epoch % cfg.sasrec.eval_every_epochs == 0 or done == total_steps:
-            val = evaluate(model, state["params"], split.val, cfg, mesh, eval_fn)
-            log.write({"step": done, "epoch": epoch, **{f"val/{k}": v for k, v in val.items()}})
-            progress.write(f"epoch {epoch}: val HR@1(20 cand) {val['hr1_cand']:.4f} "
-                           f"HR@10 {val['hr10']:.4f} NDCG@10 {val['ndcg10']:.4f}")
-            if val["hr1_cand"] > meta["best_hr1"]:
-                meta.update(best_hr1=val["hr1_cand"], best_epoch=epoch, bad_evals=0)
-                ckpts.save_best(done, state, val, meta=dict(epoch=epoch))
-            else:
-                meta["bad_evals"] += 1
-                stop = meta["bad_evals"] >= cfg.sasrec.patience
-        if epoch % cfg.sasrec.checkpoint_every_epochs == 0 or stop or done == total_steps:
-            save(done)  # training time accumulates across restarts, so a resumed run reports its whole cost
-        return stop
-
-    with jax.set_mesh(mesh), Preemption() as sigterm:
-        # A run that already early-stopped is finished: restarting it only re-evaluates.
-        end_step = start_step if meta.get("bad_evals", 0) >= cfg.sasrec.patience else total_steps
-        for step in range(start_step, end_step):
-            batch = sharding.global_batch(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch, rng)
-            done = step + 1
-            if guard.check(done, {"loss": metrics["loss"]}):
-                loss_acc, n_acc = loss_acc + metrics["loss"], n_acc + 1
-            if (done % cfg.log_every_steps == 0 or done == total_steps) and n_acc:
-                loss = float(loss_acc) / n_acc
-                rate = progress.update(done - progress.bar.n, n_acc * bs, {"loss": loss})
-                log.write({"step": done, "epoch": done / steps_per_epoch, "loss": loss, "samples_per_s": rate})
-                loss_acc, n_acc = 0.0, 0
-            if done % steps_per_epoch == 0:
-                stop = end_of_epoch(done)
-            # Checked after the epoch's evaluation, so a run preempted at an epoch boundary has already
-            # validated (and kept its best) for that epoch when it resumes.
-            if done < end_step and not stop and sigterm.requested():
-                save(done)
-                progress.close()
-                ckpts.wait()
-                ckpts.close()
-                raise Preempted("sasrec", done)
-            if stop:
-                progress.write(f"early stop at epoch {done // steps_per_epoch}: no val HR@1 gain in "
-                               f"{cfg.sasrec.patience} evaluations")
-                break
-    progress.close()
-    ckpts.wait()
-
-    best_step, best_state, best_meta = ckpts.restore_best(abstract_state)
-    best_params = best_state["params"]
+    with jax.set_mesh(mesh):
+        outcome = loop.run(loop.Stage(
+            name="sasrec", total_steps=total_steps, state=jax.jit(init_state, out_shardings=state_sh)(rng),
+            batches=iter(train_ds), step=sasrec_step, saveable=lambda st: st,
+            load=lambda st, saved: jax.device_put(saved, state_sh),
+            checkpoint_due=lambda done: done % steps_per_epoch == 0 and (
+                steps_epoch(done) % cfg.sasrec.checkpoint_every_epochs == 0),
+            validation=val_stage, guard_keys=("loss",), item_name="samples",
+            log_extra=lambda done: {"epoch": done / steps_per_epoch},
+            max_nonfinite_steps=cfg.get("max_nonfinite_steps", 5), hint="lower config.sasrec.lr",
+            keep_checkpoints=cfg.sasrec.keep_checkpoints, log_every_steps=cfg.log_every_steps,
+            desc=f"sasrec[{split.dataset}]",
+        ), workdir)
+    best_step, best_meta = outcome.best_step, outcome.best_meta
+    best_params = outcome.state["params"]
     rows = cfg.eval.max_rows  # the LLM rows' evaluation subset, so the tables compare the same rows
     with jax.set_mesh(mesh):
         val = evaluate(model, best_params, eval_subset(split.val, rows), cfg, mesh, eval_fn)
         test = evaluate(model, best_params, eval_subset(split.test, rows), cfg, mesh, eval_fn)
         extra = {"test_all_rows": evaluate(model, best_params, split.test, cfg, mesh, eval_fn)} if rows else {}
-    ckpts.close()
     results = dict(
         dataset=split.dataset, eval_rows=split.manifest.get("eval_rows"), best_step=best_step, best_epoch=best_meta.get("epoch"), val=val, test=test, **extra,
         loss=cfg.sasrec.loss, num_items=split.num_items, train_samples=len(split.train),
-        wall_time_s=round(time.time() - t_start, 1), train_time_s=round(meta.get("train_time_s", 0.0), 1),
+        wall_time_s=round(time.time() - t_start, 1), train_time_s=round(outcome.train_time_s, 1),
         manifest=split.manifest,
     )
     if is_writer():

@@ -110,6 +110,8 @@ def plan_one(cfg, arch: LlamaConfig, dims: dict[str, int], micro_per_device: int
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
     trainable, frozen = split_trainable(params, tuple(cfg.trainable))
+    # As build_rsllm places them: trained leaves are fp32 master weights whatever param_dtype is.
+    trainable = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trainable)
     tr_sh, fr_sh = split_trainable(shardings, tuple(cfg.trainable))
     tx = make_optimizer(cfg.optim, 1000)
     opt_sh = step_lib.opt_state_shardings(tx, trainable, mesh)

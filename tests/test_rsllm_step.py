@@ -252,3 +252,23 @@ def test_step_pool_keeps_nip_per_micro_batch_and_rejects_an_unknown_pool():
     cfg.loss.nce_pool = "global"
     with pytest.raises(ValueError, match=r"config.loss.nce_pool='global'.*micro_batch, step"):
         rsllm_objective(None, cfg.loss)
+
+
+def test_mixed_matmul_gradients_match_the_fp32_dot():
+    import jax.numpy as jnp
+
+    from rsllm_jax.models.lora import mixed_matmul
+
+    rng = np.random.default_rng(0)
+    x, w, g = (rng.standard_normal(s).astype(np.float32) for s in ((6, 16), (16, 12), (6, 12)))
+
+    def loss(f, dtype):
+        return lambda x, w: jnp.sum(f(x.astype(dtype), w.astype(dtype)).astype(jnp.float32) * g)
+
+    want = jax.grad(loss(jnp.dot, jnp.float32), argnums=(0, 1))(x, w)
+    got = jax.grad(loss(mixed_matmul, jnp.bfloat16), argnums=(0, 1))(x, w)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(np.asarray(b, np.float32), a, rtol=3e-2, atol=3e-2 * np.abs(a).max())
+    y = mixed_matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), x @ w, rtol=3e-2, atol=3e-2 * np.abs(x @ w).max())

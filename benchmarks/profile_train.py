@@ -25,12 +25,13 @@ _OUT = flags.DEFINE_string("out", "results/bench/profile", "Trace directory")
 _STEPS = flags.DEFINE_integer("steps", 2, "Profiled steps (after one compiling step)")
 _BATCH = flags.DEFINE_integer("batch", 4, "Rows")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per row")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute (and frozen-weight) dtype")
 
 
 def main(argv) -> None:
     del argv
     llm = llm_setup.load("smollm2", True)
-    setup = llm_setup.build(llm, scan_layers=True, target_len=24)
+    setup = llm_setup.build(llm, scan_layers=True, target_len=24, dtype=_DTYPE.value, with_torch=False)
     cfg, built = setup.cfg, setup.built
     batch = workload.train_batch(batch=_BATCH.value, seq_len=_SEQ.value, target_len=24,
                                  vocab=built.model.config.llm.vocab_size)

@@ -39,7 +39,7 @@ from rsllm_jax.models.lora import split_trainable
 from rsllm_jax.models.rsllm import RSLLM, RSLLMConfig
 from rsllm_jax.train import step as step_lib
 from rsllm_jax.train.optimizer import make_optimizer
-from rsllm_jax.train.rsllm_setup import NUM_ADDED_TOKENS, dummy_inputs, lora_config
+from rsllm_jax.train.rsllm_setup import MASTER_DTYPE, NUM_ADDED_TOKENS, dummy_inputs, lora_config
 from rsllm_jax.train.rsllm_step import rsllm_loss
 
 # Architectures by name (from their Hugging Face config.json), so a plan needs no weights on disk.
@@ -111,7 +111,7 @@ def plan_one(cfg, arch: LlamaConfig, dims: dict[str, int], micro_per_device: int
                           nn.meta.unbox(boxed), shardings)
     trainable, frozen = split_trainable(params, tuple(cfg.trainable))
     # As build_rsllm places them: trained leaves are fp32 master weights whatever param_dtype is.
-    trainable = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trainable)
+    trainable = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, MASTER_DTYPE, sharding=a.sharding), trainable)
     tr_sh, fr_sh = split_trainable(shardings, tuple(cfg.trainable))
     tx = make_optimizer(cfg.optim, 1000)
     opt_sh = step_lib.opt_state_shardings(tx, trainable, mesh)

@@ -141,10 +141,10 @@ class LoraDense(nn.Module):
         )
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
         x = x.astype(self.dtype)
+        n_in, n_out = math.prod(in_shape), math.prod(self.features)
         if jnp.dtype(self.dtype) == jnp.float32:
             y = jax.lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
         else:  # bf16 compute: fp32 accumulation on the fast path, forward and backward
-            n_in, n_out = math.prod(in_shape), math.prod(self.features)
             y = mixed_matmul(x.reshape(-1, n_in), kernel.astype(self.dtype).reshape(n_in, n_out))
             y = y.reshape(x.shape[: x.ndim - self.n_in] + tuple(self.features))
         if self.lora is None:
@@ -167,7 +167,6 @@ class LoraDense(nn.Module):
             self.param_dtype,
         )
         h = lora_dropout(self, x, self.lora.dropout, deterministic)
-        n_in, n_out = math.prod(in_shape), math.prod(self.features)
         h = lora_path(h.reshape(-1, n_in), a.astype(self.dtype).reshape(n_in, r), b.astype(self.dtype).reshape(r, n_out))
         h = h.reshape(y.shape)
         return y + (h * self.lora.scale).astype(y.dtype)
@@ -201,12 +200,18 @@ def _flat(tree: Params) -> dict[str, Any]:
     return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
+def trainable_matcher(regexes: str | Sequence[str]):
+    """'/'-joined parameter path -> whether one of `regexes` full-matches it (what is trained)."""
+    patterns = [re.compile(r) for r in ([regexes] if isinstance(regexes, str) else regexes)]
+    return lambda path: any(p.fullmatch(path) for p in patterns)
+
+
 def split_trainable(params: Params, regexes: str | Sequence[str]) -> tuple[Params, Params]:
     """Splits `params` into (trainable, frozen) by full-matching regexes against '/'-joined paths."""
-    patterns = [re.compile(r) for r in ([regexes] if isinstance(regexes, str) else regexes)]
+    is_trained = trainable_matcher(regexes)
     trainable, frozen = {}, {}
     for path, leaf in _flat(params).items():
-        (trainable if any(p.fullmatch(path) for p in patterns) else frozen)[path] = leaf
+        (trainable if is_trained(path) else frozen)[path] = leaf
     return traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(frozen, sep="/")
 
 

@@ -166,9 +166,10 @@ def run(stage: Stage, workdir: str) -> Outcome:
         for step in range(start, end):
             state, metrics, items = stage.step(state, next(stage.batches))
             done = step + 1
+            metrics = jax.device_get(metrics)  # one transfer per step: the guard and the log read it
             checked = metrics if stage.guard_keys is None else {k: metrics[k] for k in stage.guard_keys}
             if guard.check(done, checked):
-                window.add(jax.device_get(metrics), items)
+                window.add(metrics, items)
             logged = done % stage.log_every_steps == 0 or done == stage.total_steps or done == 1
             if logged and window.n:
                 means = window.means()

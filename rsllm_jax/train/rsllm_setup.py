@@ -8,8 +8,6 @@ tree never exists twice (big_vision's PaliGemma recipe).
 """
 from __future__ import annotations
 
-import re
-
 import dataclasses
 from typing import Any
 
@@ -21,10 +19,11 @@ from flax import traverse_util
 
 from rsllm_jax import sharding
 from rsllm_jax.checkpoint.loader import load_llm
-from rsllm_jax.models.lora import LoraConfig, split_trainable
+from rsllm_jax.models.lora import LoraConfig, split_trainable, trainable_matcher
 from rsllm_jax.models.rsllm import RSLLM, RSLLMConfig
 
 NUM_ADDED_TOKENS = 2  # [IID] and the optional marker (data/prompts.py)
+MASTER_DTYPE = jnp.float32  # trained leaves (and so their optimizer state), whatever config.llm.param_dtype
 
 
 @dataclasses.dataclass
@@ -102,8 +101,8 @@ def build_rsllm(
             raise ValueError(f"parameter {k}: loaded shape {tuple(v.shape)} != model shape {tuple(expected.shape)}")
     # Trained leaves (LoRA, projector, added rows) are fp32 master weights whatever param_dtype is: a bf16
     # update of a bf16 weight loses every step smaller than 2^-8 of it. The frozen base is stored in param_dtype.
-    trained = [re.compile(r) for r in cfg.trainable]
-    dtype_of = lambda k: jnp.float32 if any(p.fullmatch(k) for p in trained) else param_dtype  # noqa: E731
+    is_trained = trainable_matcher(tuple(cfg.trainable))
+    dtype_of = lambda k: MASTER_DTYPE if is_trained(k) else param_dtype  # noqa: E731
     loaded = {k: jax.device_put(v.astype(dtype_of(k)), flat_sh[k]) for k, v in loaded.items()}
 
     def partial_init(rng, loaded_flat):

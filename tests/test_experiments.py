@@ -324,7 +324,8 @@ def test_collect_from_fake_workdirs(tmp_path):
     table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in md.splitlines() if line.startswith("| `")}
     assert list(table) == ["`sasrec`", "`zero_shot`", "`text_ft`", "`rsllm`", "`no_ut`"]
-    # what | seeds | ValidRatio | HitRatio@1 | accuracy | 2T HR@1 | LL HR@1 | grounded HR@1 | fusion HR@1 | HR@10 | NDCG@10 |
+    # what | seeds | ValidRatio | HitRatio@1 | accuracy | 2T HR@1 | LL HR@1 | grounded HR@1 | fusion HR@1 | gate HR@1 |
+    # HR@10 | NDCG@10 |
     # samples | steps | wall
     rs = table["`rsllm`"]
     assert rs[1] == "2/2"
@@ -333,8 +334,8 @@ def test_collect_from_fake_workdirs(tmp_path):
     assert rs[4] == f"0.3800 ± {np.std([0.36, 0.40], ddof=1):.4f}"
     assert rs[5] == f"0.3000 ± {np.std([0.2, 0.4], ddof=1):.4f}"
     assert rs[6] == f"0.2500 ± {np.std([0.2, 0.3], ddof=1):.4f}"
-    assert rs[7] == rs[8] == "—"  # no grounded readout, no val likelihood scores for the fusion
-    assert rs[11:] == ["384", "12", f"2.5 ± {np.std([120, 180], ddof=1) / 60:.1f} min"]
+    assert rs[7] == rs[8] == rs[9] == "—"  # no grounded readout, no val likelihood scores for fusion or gate
+    assert rs[12:] == ["384", "12", f"2.5 ± {np.std([120, 180], ddof=1) / 60:.1f} min"]
     assert table["`text_ft`"][1] == "1/2" and table["`text_ft`"][3] == "0.3000" and table["`text_ft`"][5] == "—"
     assert table["`text_ft`"][6] == "—" and table["`sasrec`"][6] == "—"
     assert table["`sasrec`"][2] == "—" and table["`sasrec`"][3] == f"0.3500 ± {np.std([0.3, 0.4], ddof=1):.4f}"
@@ -417,11 +418,15 @@ def test_tiny_end_to_end_and_resume(tiny_setup, monkeypatch, capsys):
         assert m["fusion_hr1"] == m["fusion_test_hr1"][m["fusion_weight"]]
         # w = inf is SASRec alone: the same test hits as the stage-0 row's own HR@1 on the candidates.
         assert m["fusion_test_hr1"]["inf"] == pytest.approx(runs["sasrec-s0"]["metrics"]["hit_ratio_at_1"])
+        # The gate answering no row is SASRec alone too; its share is the one val scores best.
+        assert m["gate_test_hr1"]["0.0"] == pytest.approx(runs["sasrec-s0"]["metrics"]["hit_ratio_at_1"])
+        assert m["gate_val_hr1"][str(m["gate_share"])] == max(m["gate_val_hr1"].values())
+        assert m["gate_hr1"] == m["gate_test_hr1"][str(m["gate_share"])]
     # Every finished run's per-row test hits are kept beside the tables, and stand in for the run.
     hits = results / ex.HITS_DIR
     names = sorted(p.name for p in hits.iterdir())
     assert "custom-sasrec-s0.json" in names and "custom-rsllm-s0-grounded.json" in names
-    assert "custom-rsllm-s0-fusion.json" in names
+    assert "custom-rsllm-s0-fusion.json" in names and "custom-rsllm-s0-gate.json" in names
     split = ex._run_split(ex.parse_args(argv), ex.plan_runs(ex.parse_args(argv))[0])
     assert (paired.run_hits(str(hits / "custom-rsllm-s0.json"), split.test)
             == paired.run_hits(str(d / "rsllm-s0"), split.test))

@@ -316,6 +316,23 @@ def test_paired_reads_the_popular_rule_and_an_llm_runs_other_readouts(tmp_path):
 
 # ---- the fusion readout ---------------------------------------------------------------------------
 
+def test_gate_answers_with_the_llm_only_where_its_margin_clears_the_threshold():
+    from rsllm_jax.eval import fusion
+
+    # Row 0: the LM is sure of candidate 2 (large margin); row 1: it barely prefers candidate 1.
+    # SASRec prefers candidate 0 on both rows.
+    ll = np.asarray([[-3.0, -2.9, 0.0], [-1.0, -0.99, -1.01]])
+    logits = np.asarray([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    m = fusion.margin(ll)
+    assert m[0] > m[1] > 0
+    assert list(fusion.gated_top(ll, logits, -np.inf)) == [2, 1]  # the LM everywhere
+    assert list(fusion.gated_top(ll, logits, np.inf)) == [0, 0]  # SASRec everywhere
+    assert list(fusion.gated_top(ll, logits, (m[0] + m[1]) / 2)) == [2, 0]  # the LM only where it is sure
+    taus = fusion.gate_thresholds(np.asarray([0.1, 0.2, 0.3, 0.4]), shares=(1.0, 0.5, 0.0))
+    assert taus[0] == -np.inf and taus[2] == np.inf
+    assert (np.asarray([0.1, 0.2, 0.3, 0.4]) >= taus[1]).sum() == 2  # half the rows answered by the LM
+
+
 def test_fusion_weight_is_chosen_on_val_and_its_ends_are_the_two_readouts(tmp_path):
     from types import SimpleNamespace
 
@@ -349,6 +366,11 @@ def test_fusion_weight_is_chosen_on_val_and_its_ends_are_the_two_readouts(tmp_pa
     first = next(w for w in r["weights"] if hr_val[w] == 1.0)
     assert r["chosen_weight"] == first and first not in ("0.0", "inf")
     assert r["test_hits"] == {"10": 1, "11": 1, "12": 0} and r["test_hr1_at_chosen"] == pytest.approx(2 / 3)
+    # The gate: answering every row is the LM alone, answering none is SASRec alone; val picks the share.
+    g_val, g_test = dict(zip(r["gate_shares"], r["gate_val_hr1"])), dict(zip(r["gate_shares"], r["gate_test_hr1"]))
+    assert g_test[1.0] == hr_test["0.0"] and g_test[0.0] == hr_test["inf"] and g_val[0.0] == 1.0
+    assert g_val[r["gate_share"]] == max(g_val.values()) and r["gate_share"] == 0.0
+    assert r["gate_test_hits"] == {"10": 1, "11": 1, "12": 0}
     # A predictions file without every candidate's score is refused, naming file and line.
     (run / "likelihood" / "predictions_test.jsonl").write_text(json.dumps(dict(user="10", likelihood_target_rank=1)) + "\n")
     with pytest.raises(ValueError, match=r"predictions_test\.jsonl:1: no 'likelihood_scores'"):

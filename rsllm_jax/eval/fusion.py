@@ -11,6 +11,12 @@ w = 0 is the likelihood readout alone and w = inf SASRec alone. w is picked on t
 test rows with every other grid point, so the choice is visible. This is a readout of a trained RSLLM
 plus the frozen SASRec it was built on, not a new model: tables name it as the fusion.
 
+The gate is the per-row alternative: the LLM's top candidate where its likelihood margin (top minus
+second z(LL) of the row) is at least a threshold, SASRec's top elsewhere. A linear mix trusts the LLM
+equally on every row; the gate trusts it only where it is sure, which is what helps when the two are
+right on different rows. The threshold is picked on validation from the quantiles of the validation
+margins (GATE_SHARES: the share of rows the LLM answers; first on ties, the most LLM).
+
 It reads `LLM_RUN/likelihood/predictions_test.jsonl` and `LLM_RUN/likelihood_val/predictions_val.jsonl`
 (the experiments driver's `--likelihood` evaluation writes both; each row carries every candidate's
 score) and SASRec's exported user states and item table.
@@ -25,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 WEIGHTS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
+GATE_SHARES = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.0)  # share of val rows the LLM answers
 SPLIT_DIRS = {"test": "likelihood", "val": "likelihood_val"}  # inside an LLM run's workdir
 
 
@@ -39,6 +46,24 @@ def fused_top(ll: np.ndarray, logits: np.ndarray, w: float) -> np.ndarray:
     """[n] index of the best candidate per row under weight w (inf: SASRec alone; first on ties)."""
     score = zscore(logits) if math.isinf(w) else zscore(ll) + w * zscore(logits)
     return np.argmax(score, -1)
+
+
+def margin(ll: np.ndarray) -> np.ndarray:
+    """[n] the LLM's confidence per row: its best minus its second-best standardised likelihood."""
+    top2 = np.sort(zscore(ll), -1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def gate_thresholds(val_margins: np.ndarray, shares: Sequence[float] = GATE_SHARES) -> list[float]:
+    """The margin threshold at which the LLM answers each share of the validation rows (1: every row,
+    0: none, SASRec alone)."""
+    return [-math.inf if s >= 1 else math.inf if s <= 0 else float(np.quantile(val_margins, 1.0 - s))
+            for s in shares]
+
+
+def gated_top(ll: np.ndarray, logits: np.ndarray, tau: float) -> np.ndarray:
+    """[n] the LLM's top candidate where its margin is >= tau, else SASRec's (first on ties)."""
+    return np.where(margin(ll) >= tau, np.argmax(ll, -1), np.argmax(logits, -1))
 
 
 def read_scores(path: str, records: Sequence[dict]) -> tuple[list[int], np.ndarray]:
@@ -76,9 +101,10 @@ def sasrec_logits(sasrec_dir: str, records: Sequence[dict], split_name: str) -> 
 
 
 def evaluate(run_dir: str, sasrec_dir: str, split) -> dict:
-    """Val and test HR@1 at every weight, the weight val picks, and the test hits at that weight."""
-    out = {"weights": [str(w) for w in WEIGHTS]}
-    per_split = {}
+    """Val and test HR@1 at every weight and gate share, the weight and share val picks, and the test
+    hits at each choice."""
+    out = {"weights": [str(w) for w in WEIGHTS], "gate_shares": list(GATE_SHARES)}
+    per_split, scores = {}, {}
     for name, sub in SPLIT_DIRS.items():
         records = getattr(split, name)
         path = os.path.join(run_dir, sub, f"predictions_{name}.jsonl")
@@ -91,6 +117,7 @@ def evaluate(run_dir: str, sasrec_dir: str, split) -> dict:
         target = np.asarray([r["candidates"].index(r["target"]) for r in recs])
         hits = {w: (fused_top(ll, logits, w) == target).astype(int) for w in WEIGHTS}
         per_split[name] = (recs, hits)
+        scores[name] = (ll, logits, target)
         out[f"{name}_hr1"] = [float(hits[w].mean()) for w in WEIGHTS]
         out[f"{name}_rows"] = len(rows)
     val_hr = out["val_hr1"]
@@ -99,6 +126,16 @@ def evaluate(run_dir: str, sasrec_dir: str, split) -> dict:
     w = WEIGHTS[best]
     out.update(chosen_weight=str(w), test_hr1_at_chosen=out["test_hr1"][best],
                test_hits={str(r["user"]): int(h) for r, h in zip(recs, hits[w])})
+    taus = gate_thresholds(margin(scores["val"][0]))
+    for name, (ll, logits, target) in scores.items():
+        out[f"gate_{name}_hr1"] = [float((gated_top(ll, logits, t) == target).mean()) for t in taus]
+    g = int(np.argmax(out["gate_val_hr1"]))
+    ll, logits, target = scores["test"]
+    out.update(gate_share=GATE_SHARES[g],
+               gate_threshold=taus[g] if math.isfinite(taus[g]) else str(taus[g]), gate_test_hr1_at_chosen=out["gate_test_hr1"][g],
+               gate_test_llm_share=float((margin(ll) >= taus[g]).mean()),
+               gate_test_hits={str(r["user"]): int(h) for r, h in
+                               zip(recs, gated_top(ll, logits, taus[g]) == target)})
     return out
 
 
@@ -116,14 +153,21 @@ def main(argv) -> None:
     print(f"{'w':>6} {'val HR@1':>9} {'test HR@1':>10}")
     for w, v, t in zip(r["weights"], r["val_hr1"], r["test_hr1"]):
         print(f"{w:>6} {v:>9.4f} {t:>10.4f}{'  <- chosen on val' if w == r['chosen_weight'] else ''}")
+    print(f"{'gate share':>10} {'val HR@1':>9} {'test HR@1':>10}")
+    for s, v, t in zip(r["gate_shares"], r["gate_val_hr1"], r["gate_test_hr1"]):
+        print(f"{s:>10} {v:>9.4f} {t:>10.4f}{'  <- chosen on val' if s == r['gate_share'] else ''}")
     if f.out:
-        write_json_atomic(f.out, {k: v for k, v in r.items() if k != "test_hits"})
+        write_json_atomic(f.out, {k: v for k, v in r.items() if not k.endswith("test_hits")})
     if f.save_hits:
         os.makedirs(f.save_hits, exist_ok=True)
         path = os.path.join(f.save_hits, f"{f.dataset}-{paired.hits_file_name(f.run)}".replace(".json", "-fusion.json"))
         write_json_atomic(path, paired.hits_record(f"{f.run}:fusion(w={r['chosen_weight']})", r["test_hits"],
                                                    f.dataset, split.test))
         print(f"test hits at the chosen weight -> {path}")
+        path = path.replace("-fusion.json", "-gate.json")
+        write_json_atomic(path, paired.hits_record(f"{f.run}:gate(share={r['gate_share']})", r["gate_test_hits"],
+                                                   f.dataset, split.test))
+        print(f"test hits of the gate at the chosen share -> {path}")
 
 
 if __name__ == "__main__":

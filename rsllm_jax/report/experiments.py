@@ -128,6 +128,7 @@ METRIC_COLUMNS = (
     ("likelihood_hr1", "LL HR@1"),
     ("grounded_hr1", "grounded HR@1"),
     ("fusion_hr1", "fusion HR@1"),
+    ("gate_hr1", "gate HR@1"),
     ("hr10", "HR@10"),
     ("ndcg10", "NDCG@10"),
 )
@@ -719,10 +720,17 @@ def save_hits(opts, run: Run, runs: list[Run]) -> dict:
             r = fusion.evaluate(run.workdir, sasrec.workdir, split)
             metrics = dict(fusion_hr1=r["test_hr1_at_chosen"], fusion_weight=r["chosen_weight"],
                            fusion_val_hr1=dict(zip(r["weights"], r["val_hr1"])),
-                           fusion_test_hr1=dict(zip(r["weights"], r["test_hr1"])))
-            write_json_atomic(os.path.join(out_dir, f"{opts.dataset}-{paired.hits_file_name(run.workdir)}"
-                                                    .replace(".json", "-fusion.json")),
+                           fusion_test_hr1=dict(zip(r["weights"], r["test_hr1"])),
+                           gate_hr1=r["gate_test_hr1_at_chosen"], gate_share=r["gate_share"],
+                           gate_test_llm_share=r["gate_test_llm_share"],
+                           gate_val_hr1=dict(zip(map(str, r["gate_shares"]), r["gate_val_hr1"])),
+                           gate_test_hr1=dict(zip(map(str, r["gate_shares"]), r["gate_test_hr1"])))
+            base = os.path.join(out_dir, f"{opts.dataset}-{paired.hits_file_name(run.workdir)}")
+            write_json_atomic(base.replace(".json", "-fusion.json"),
                               paired.hits_record(f"{run.workdir}:fusion(w={r['chosen_weight']})", r["test_hits"],
+                                                 opts.dataset, split.test))
+            write_json_atomic(base.replace(".json", "-gate.json"),
+                              paired.hits_record(f"{run.workdir}:gate(share={r['gate_share']})", r["gate_test_hits"],
                                                  opts.dataset, split.test))
     except (OSError, ValueError, KeyError) as e:
         _log(f"{run.key}: per-row hits not recorded ({e})")

@@ -69,8 +69,17 @@ def measure(dataset: str, samples: int, micro: int) -> dict:
                        num_candidates=cfg.data.num_candidates, seed=cfg.seed, batch_size=batch, use_ids=True)
     rng = np.random.default_rng(cfg.seed)
     records = [split.train[i] for i in rng.permutation(len(split.train))[:samples]]
-    lengths = np.asarray([len(ex(i, r)["input_ids"]) for i, r in enumerate(records)])
+    rendered = [ex(i, r) for i, r in enumerate(records)]
+    lengths = np.asarray([len(e["input_ids"]) for e in rendered])
+    # Where a window's tokens go: template text (BOS included), history, candidates, answer.
+    literal = [len(builder.bos) + sum(len(builder.encode_text(lit)) for lit, _ in t if lit) for t in builder.templates]
+    template = np.asarray([literal[ex.batch_choices(i // batch)[0]] for i in range(len(records))])
+    history = np.asarray([int(e["history_mask"].sum()) for e in rendered])
+    answer = np.asarray([int(e["answer_mask"].sum()) for e in rendered])
+    parts = dict(template=template, history=history, candidates=lengths - template - history - answer, answer=answer)
     return dict(dataset=dataset, windows=len(lengths), batch=micro, buckets=list(cfg.prompts.buckets),
+                parts={k: float(v.mean()) for k, v in parts.items()},
+                id_slots=float(np.mean([int((e["slot_items"] >= 0).sum()) for e in rendered])),
                 length=dict(mean=float(lengths.mean()), p50=float(np.median(lengths)), p95=float(np.percentile(lengths, 95)),
                             max=int(lengths.max())),
                 schemes=schemes(lengths, micro, cfg.prompts.buckets))
@@ -87,10 +96,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parts_table(rows: list[dict]) -> str:
+    """Mean tokens per window by part of the prompt, and each part's share."""
+    lines = ["| dataset | tokens per window | template text | history | candidates | answer | ID slots |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        total = r["length"]["mean"]
+        cells = [f"{v:.0f} ({v / total:.0%})" for v in r["parts"].values()]
+        lines.append(f"| {r['dataset']} | {total:.0f} | " + " | ".join(cells) + f" | {r['id_slots']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv) -> None:
     del argv
     rows = [measure(d, _SAMPLES.value, _MICRO.value) for d in _DATASETS.value]
-    md = table(rows)
+    md = table(rows) + "\n\n" + parts_table(rows)
     print(md)
     os.makedirs(_OUT.value, exist_ok=True)
     with open(os.path.join(_OUT.value, "padding.json"), "w") as f:

@@ -31,7 +31,7 @@ from rsllm_jax.eval import generation_metrics, ranking
 from rsllm_jax.models.generate import blank_token_ids, for_inference, generate, stop_token_ids
 from rsllm_jax.models.llama import Llama
 from rsllm_jax.models.rsllm import RSLLM
-from rsllm_jax.models.score import continuation_logprobs
+from rsllm_jax.models.score import continuation_logprobs, packed_length
 from rsllm_jax.run_files import is_writer, write_json_atomic
 
 
@@ -155,7 +155,8 @@ class Evaluator:
             if self.score_candidates:
                 logp = sharding.to_host(continuation_logprobs(
                     llm, llm_params, inputs_embeds=embeds, attention_mask=mask,
-                    continuation_ids=self._global(cont_ids), continuation_mask=self._global(cont_mask)))
+                    continuation_ids=self._global(cont_ids), continuation_mask=self._global(cont_mask),
+                    packed_len=packed_length(cont_mask)))
                 ll_sum = logp.sum(-1)  # [B, K]
                 ll_mean = ll_sum / cont_mask.sum(-1)
             if two_tower:

@@ -382,13 +382,17 @@ class Llama(nn.Module):
         inputs_embeds: jax.Array | None = None,
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         cache: Cache | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
         compute_logits: bool = True,
     ):
         """`compute_logits=False` (with return_hidden) skips the LM head: a caller that needs logits at
-        a few positions only gathers them and calls `head` (the vocabulary matmul is the biggest one)."""
+        a few positions only gathers them and calls `head` (the vocabulary matmul is the biggest one).
+        `segment_ids` [B, T] packs several sequences into one row: a token sees only earlier tokens of
+        its own segment and every slot of segment 0 (the cache's earlier slots are segment 0: a shared
+        prompt that several packed continuations attend to)."""
         c = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids / inputs_embeds")
@@ -407,7 +411,13 @@ class Llama(nn.Module):
         kv_valid = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
         q_slot = index + jnp.arange(t)[:, None]
         k_slot = jnp.arange(kv_valid.shape[1])[None, :]
-        allowed = ((k_slot <= q_slot)[None] & kv_valid[:, None, :]) | (k_slot == q_slot)[None]
+        allowed = (k_slot <= q_slot)[None] & kv_valid[:, None, :]
+        if segment_ids is not None:
+            seg_q = segment_ids.astype(jnp.int32)
+            seg_k = seg_q if cache is None else jax.lax.dynamic_update_slice(
+                jnp.zeros(kv_valid.shape, jnp.int32), seg_q, (0, index))
+            allowed &= (seg_k[:, None, :] == 0) | (seg_k[:, None, :] == seg_q[:, :, None])
+        allowed |= (k_slot == q_slot)[None]
         attn_mask = allowed[:, None]  # [B, 1, T, S], broadcast over heads
 
         if c.scan_layers:

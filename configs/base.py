@@ -96,6 +96,17 @@ def get_config():
     # the candidates' first answer tokens, added with this weight. Twenty graded labels per window.
     c.loss.weight_distill = 0.0
     c.loss.distill_temperature = 1.0
+    # Listwise candidate loss (ours): the answers of N candidates are packed after the target's in the
+    # training row (segments that see only the prompt: data.prompts.pack_answers), each scored by its mean
+    # answer-token log-likelihood (the evaluation's likelihood readout), and a softmax over target + N
+    # negatives is trained towards the target, added with this weight. The negatives are the first N
+    # non-target candidates in the order shown (SASRec's hardest with candidate_order="sasrec"); answers
+    # are scored on their first listwise_answer_tokens tokens. One window then teaches a ranking of
+    # 1 + N answers instead of ~5 answer tokens; it costs N short answers' tokens per row.
+    c.loss.weight_listwise = 0.0
+    c.loss.listwise_negatives = 9
+    c.loss.listwise_answer_tokens = 16
+    c.loss.listwise_temperature = 1.0
     # Whose rows are the InfoNCE negatives. "micro_batch": the other rows of one micro-batch (the spec's
     # in-batch form; with gradient accumulation the pool is batch_size / grad_accum_steps). "step" (ours):
     # every row of the step's batch, through a GradCache pass (one extra forward, same memory), so the

@@ -96,3 +96,20 @@ def candidate_distill(first_logits: jax.Array, cand_tokens: jax.Array, teacher_s
     per_row = jnp.sum(q_group / count * (jnp.log(jnp.maximum(q_group, 1e-30)) - log_p), axis=-1)
     w = jnp.ones(per_row.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
     return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def listwise_softmax(scores: jax.Array, *, temperature: float, candidate_valid: jax.Array | None = None,
+                     valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """-log softmax(scores / temperature)[target] over each row's candidates, the target in column 0.
+
+    scores [B, K]: the LM's candidate scores (mean answer-token log-likelihoods); candidate_valid [B, K]
+    drops columns (a negative with the target's own answer); valid [B] drops padding rows. Returns
+    (mean loss over valid rows, share of valid rows whose target scores highest)."""
+    s = scores.astype(jnp.float32) / temperature
+    if candidate_valid is not None:
+        s = jnp.where(candidate_valid.astype(bool), s, _NEG)
+    per_row = jax.nn.logsumexp(s, axis=-1) - s[:, 0]
+    top = (jnp.argmax(s, axis=-1) == 0).astype(jnp.float32)
+    w = jnp.ones(per_row.shape, jnp.float32) if valid is None else valid.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    return jnp.sum(per_row * w) / n, jnp.sum(top * w) / n

@@ -235,6 +235,8 @@ def test_planned_commands_parse_against_the_real_configs():
     assert cfgs["no_tt"].loss.weight_tt == 0 and cfgs["no_tt"].loss.weight_ut == 0.1
     assert cfgs["no_stage1"].stage2.stage1_dir == "none"
     assert cfgs["id_only"].prompts.use_titles is False and cfgs["id_only"].prompts.use_ids is True
+    lw = cfgs["ranked_listwise"]
+    assert (lw.loss.weight_listwise, lw.loss.listwise_negatives, lw.prompts.candidate_order) == (1.0, 9, "sasrec")
 
 
 def test_tuple_override_syntax_gives_a_one_element_tuple():

@@ -65,8 +65,10 @@ class TrainExample:
 
     def __init__(self, builders: dict[str, PromptBuilder], *, num_items: dict[str, int], num_candidates: int,
                  seed: int, batch_size: int, use_ids: bool, curriculum_steps: int = 0, distill: bool = False,
-                 order: SasrecOrder | None = None):
+                 order: SasrecOrder | None = None, listwise: tuple[int, int] | None = None):
         self.order = order  # None: candidates in sampled order
+        # (negatives, answer tokens): pack that many candidates' answers after the target's (listwise loss)
+        self.listwise = listwise
         self.builders, self.num_items, self.num_candidates = builders, num_items, num_candidates
         self.distill = distill  # emit the candidates and their answers' first tokens (listwise distillation)
         self.offsets = dict(zip(builders, np.cumsum([0] + [num_items[k] for k in builders])[:-1].tolist()))
@@ -96,6 +98,11 @@ class TrainExample:
         ex["target_item"] = np.int32(self.offsets[name] + record["target"])
         ex["valid"] = np.int32(1)
         add_user_fields(ex, builder, record, cands, self.distill)
+        if self.listwise:
+            # The first N non-target candidates in the order shown: SASRec's hardest when it orders them.
+            negatives, answer_tokens = self.listwise
+            others = [c for c in cands if c != record["target"]][:negatives]
+            ex = builder.pack_answers(ex, record["target"], others, answer_tokens)
         return ex
 
 

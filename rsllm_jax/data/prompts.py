@@ -58,7 +58,7 @@ DOMAIN_OF_DATASET = {"movielens": "movie", "lastfm": "music", "lastfm_raw": "mus
 
 # Per-example arrays, padded per batch. Fill values for padding.
 PAD_VALUES = dict(input_ids=0, attention_mask=0, slot_items=-1, labels=0, loss_mask=0, history_mask=0,
-                  answer_mask=0, user_slot=0)
+                  answer_mask=0, user_slot=0, segment_ids=0, positions=0)
 
 
 # Length buckets 32 tokens apart around LLaRA-sized prompts (10 history + 20 candidates: 220-310 tokens
@@ -203,6 +203,56 @@ class PromptBuilder:
         # Position t predicts token t+1; the loss counts only predictions of answer tokens.
         out["labels"] = np.append(out["input_ids"][1:], 0).astype(np.int32)
         out["loss_mask"] = np.append(out["answer_mask"][1:], 0).astype(np.int32)
+        return out
+
+    def pack_answers(self, ex: dict[str, np.ndarray], target: int, negatives: Sequence[int],
+                     answer_tokens: int) -> dict[str, np.ndarray]:
+        """A training example with the answers of `negatives` packed after the target's (listwise loss).
+
+        Each answer is a segment that attends to the prompt (segment 0) and its own earlier tokens only,
+        its positions continuing the prompt's, so the prompt and the target's answer compute exactly
+        what they compute unpacked (NIP and the towers are unchanged) and each candidate's tokens are
+        scored as if it were the answer. Returns `ex` with `segment_ids`, `positions` and, per
+        candidate (target first) the first `answer_tokens` answer tokens to score: `lw_pred` (the
+        position whose logits predict the token), `lw_label`, `lw_mask` [1 + N, answer_tokens];
+        `lw_valid` [1 + N] is 0 for a negative whose answer is the target's (a duplicate title)."""
+        prompt_len = int(np.argmax(ex["answer_mask"])) if ex["answer_mask"].any() else len(ex["input_ids"])
+        target_ids = self.answer_ids(target)
+        n = len(ex["input_ids"])
+        seg = np.zeros(n, np.int32)
+        seg[prompt_len:] = 1
+        pos = np.arange(n, dtype=np.int32)
+        k, a = 1 + len(negatives), answer_tokens
+        pred, label, mask = (np.zeros((k, a), np.int32) for _ in range(3))
+        valid = np.ones(k, np.int32)
+        packed_ids, packed_seg, packed_pos = [], [], []
+        for c, item in enumerate([target, *negatives]):
+            ids = (target_ids if c == 0 else self.answer_ids(item))[:a]
+            start = prompt_len if c == 0 else n + len(packed_ids)  # the answer's first slot in the row
+            if c > 0:
+                valid[c] = int(ids != target_ids[:a])
+                packed_ids += ids
+                packed_seg += [c + 1] * len(ids)
+                packed_pos += range(prompt_len, prompt_len + len(ids))
+            # Token j is predicted by the prompt's last position (j = 0) or by the answer's token j - 1.
+            pred[c, : len(ids)] = [prompt_len - 1] + list(range(start, start + len(ids) - 1))
+            label[c, : len(ids)] = ids
+            mask[c, : len(ids)] = 1
+        m = len(packed_ids)
+        out = dict(ex)
+        out["input_ids"] = np.concatenate([ex["input_ids"], np.asarray(packed_ids, np.int32)])
+        for key, fill in (("attention_mask", 1), ("slot_items", -1), ("history_mask", 0), ("answer_mask", 0),
+                          ("loss_mask", 0), ("user_slot", 0)):
+            if key in ex:
+                out[key] = np.concatenate([ex[key], np.full(m, fill, ex[key].dtype)])
+        out["labels"] = np.append(out["input_ids"][1:], 0).astype(np.int32)  # loss_mask keeps NIP on the target
+        out["segment_ids"] = np.concatenate([seg, np.asarray(packed_seg, np.int32)])
+        out["positions"] = np.concatenate([pos, np.asarray(packed_pos, np.int32)])
+        out.update(lw_pred=pred, lw_label=label, lw_mask=mask, lw_valid=valid)
+        if len(out["input_ids"]) > max(self.settings.buckets):
+            raise ValueError(f"a prompt with {len(negatives)} packed candidate answers has {len(out['input_ids'])} "
+                             f"tokens, past the largest length bucket {max(self.settings.buckets)}: lower "
+                             "config.loss.listwise_negatives or config.loss.listwise_answer_tokens")
         return out
 
     def _too_long(self, n: int, items: Sequence[int]) -> None:

@@ -77,11 +77,13 @@ class RSLLM(nn.Module):
         return x
 
     def __call__(self, input_ids, attention_mask, slot_items=None, *, user_slot=None, user_state=None,
-                 deterministic: bool = True, compute_logits: bool = True):
-        """-> (logits [B,T,V] fp32 (None with compute_logits=False), last-layer hidden states [B,T,D])."""
+                 positions=None, segment_ids=None, deterministic: bool = True, compute_logits: bool = True):
+        """-> (logits [B,T,V] fp32 (None with compute_logits=False), last-layer hidden states [B,T,D]).
+        `positions` / `segment_ids` [B, T]: packed rows (Llama's), e.g. candidate answers after a prompt."""
         x = self.embed(input_ids, slot_items, user_slot, user_state)
-        return self.llm(inputs_embeds=x, attention_mask=attention_mask, deterministic=deterministic,
-                        return_hidden=True, compute_logits=compute_logits)
+        return self.llm(inputs_embeds=x, attention_mask=attention_mask, positions=positions,
+                        segment_ids=segment_ids, deterministic=deterministic, return_hidden=True,
+                        compute_logits=compute_logits)
 
     def towers(self, batch, *, deterministic: bool = True, loss_positions: int = 0) -> dict[str, jax.Array]:
         """Main pass + second pass (target alone): logits and the pooled v_U, v_T|U, v_T.
@@ -92,9 +94,12 @@ class RSLLM(nn.Module):
         largest matmul and all but ~5 % of it would be thrown away."""
         slots = batch.get("slot_items")
         logits, hidden = self(batch["input_ids"], batch["attention_mask"], slots, user_slot=batch.get("user_slot"),
-                              user_state=batch.get("user_state"), deterministic=deterministic,
+                              user_state=batch.get("user_state"), positions=batch.get("positions"),
+                              segment_ids=batch.get("segment_ids"), deterministic=deterministic,
                               compute_logits=not loss_positions)
         out = {}
+        if "lw_pred" in batch:  # candidate answers packed after the target's (data.prompts.pack_answers)
+            out["candidate_scores"] = self.candidate_scores(hidden, batch)
         if loss_positions:
             mask = batch["loss_mask"].astype(jnp.int32)
             # Stable sort on "not a loss token": the loss positions first, in order.
@@ -117,6 +122,16 @@ class RSLLM(nn.Module):
             v_target=losses.masked_mean_pool(t_hidden, batch["target_attention_mask"]),
             v_title=losses.masked_mean_pool(t_hidden, title_mask),
         )
+
+    def candidate_scores(self, hidden: jax.Array, batch) -> jax.Array:
+        """Each packed candidate's mean per-token log-likelihood as the answer, [B, 1 + N] (target first):
+        the likelihood readout of evaluation, computed in the training pass."""
+        pred, label, mask = batch["lw_pred"], batch["lw_label"], batch["lw_mask"].astype(jnp.float32)
+        b, k, a = pred.shape
+        states = jnp.take_along_axis(hidden, pred.reshape(b, k * a, 1), axis=1)
+        logp = jax.nn.log_softmax(self.llm.head(states).astype(jnp.float32), axis=-1)
+        token = jnp.take_along_axis(logp, label.reshape(b, k * a, 1), axis=-1).reshape(b, k, a)
+        return jnp.sum(token * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
     def sasrec_scores(self, user_state: jax.Array, items: jax.Array) -> jax.Array:
         """SASRec's logits user_state [B, d] . item_table[items [B, K]] -> [B, K] (the distillation teacher)."""

@@ -17,7 +17,8 @@ rows a selected row depends on. `--sasrec_dir` / `--stage1_dir` point those two 
 runs (one for every seed), e.g. to try a stage-2 setting under a new --root without repeating stages 0-1.
 
 Rows (see ROWS): sasrec, zero_shot, text_ft, llara_like, rsllm, the ablations no_ut, no_tt, no_stage1,
-id_only, and the user-learning levers user_slot, distill, user_distill, ranked, ranked_cf, ranked_user_distill. Flag precedence in each command, lowest first: for stage-2 rows the budget and candidate order configs/stage2.py had before it took the winning recipe (_STAGE2_BASE), then the per-dataset learning rate (LLaRA's: 8e-4
+id_only, and the user-learning levers user_slot, distill, user_distill, ranked, ranked_cf, ranked_user_distill,
+ranked_listwise. Flag precedence in each command, lowest first: for stage-2 rows the budget and candidate order configs/stage2.py had before it took the winning recipe (_STAGE2_BASE), then the per-dataset learning rate (LLaRA's: 8e-4
 MovieLens, 7e-4 LastFM, 5e-4 Steam; --lr overrides) < the flags after `--` (every LLM row; the
 `--config.data.*` ones and `--config.eval.max_rows` also reach stage 0, whose item ids and test rows must
 match) < what defines the row (its loss weights, prompts, stages, dataset, seed, dependency dirs) <
@@ -86,6 +87,7 @@ _STAGE2_BASE = (("prompts.candidate_order", "given"), ("train.max_train_samples"
 _USER_SLOT = (("prompts.user_slot", "True"),)
 _DISTILL = (("loss.weight_distill", "1.0"), ("loss.distill_temperature", "1.0"))
 _RANKED = (("prompts.candidate_order", "sasrec"),)
+_LISTWISE = (("loss.weight_listwise", "1.0"), ("loss.listwise_negatives", "9"))
 ROWS = (
     Row("sasrec", "sasrec", "SASRec (stage 0), candidates ranked by logits"),
     Row("zero_shot", "eval", "untrained LLM, text-only prompt",
@@ -116,6 +118,8 @@ ROWS = (
         _STAGE2 + _RANKED + (("prompts.crossfit_folds", "2"),), needs=("sasrec", "text_ft")),
     Row("ranked_user_distill", "stage2", "ranked + user slot + listwise distillation",
         _STAGE2 + _RANKED + _USER_SLOT + _DISTILL, needs=("sasrec", "text_ft")),
+    Row("ranked_listwise", "stage2", "ranked + listwise loss over the target's and 9 hardest candidates' answers",
+        _STAGE2 + _RANKED + _LISTWISE, needs=("sasrec", "text_ft")),
 )
 ROW_BY_NAME = {r.name: r for r in ROWS}
 

@@ -45,7 +45,25 @@ def rsllm_local(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
     if distill_weight:
         metrics["distill"] = d = distill_loss(model, loss_cfg, params, out, batch, positions)
         local = local + distill_weight * d
+    listwise_weight = float(getattr(loss_cfg, "weight_listwise", 0.0) or 0.0)
+    if listwise_weight:
+        lw, metrics["listwise_top1"] = losses.listwise_softmax(
+            out["candidate_scores"], temperature=loss_cfg.listwise_temperature,
+            candidate_valid=batch["lw_valid"], valid=batch.get("valid"))
+        metrics["listwise"] = lw
+        local = local + listwise_weight * lw
     return local, reps, metrics
+
+
+def listwise_packing(loss_cfg) -> tuple[int, int] | None:
+    """(negatives, answer tokens) the training examples pack for the listwise loss, None when it is off."""
+    if not float(getattr(loss_cfg, "weight_listwise", 0.0) or 0.0):
+        return None
+    n, a = int(loss_cfg.listwise_negatives), int(loss_cfg.listwise_answer_tokens)
+    if n < 1 or a < 1:
+        raise ValueError(f"config.loss.weight_listwise > 0 needs listwise_negatives >= 1 and listwise_answer_tokens "
+                         f">= 1, got {n} and {a}")
+    return n, a
 
 
 def distill_loss(model: RSLLM, loss_cfg, params, out, batch, positions: int):
@@ -82,6 +100,8 @@ def rsllm_loss(model: RSLLM, loss_cfg, trainable, frozen, batch, rng):
                            nce.get("l_align"), loss_cfg.align_weight)
     if "distill" in metrics:
         total = total + loss_cfg.weight_distill * metrics["distill"]
+    if "listwise" in metrics:
+        total = total + loss_cfg.weight_listwise * metrics["listwise"]
     metrics = dict(metrics, **nce, loss=total)
     return total, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 

@@ -40,7 +40,7 @@ from rsllm_jax.train.optimizer import (
 )
 from rsllm_jax.train.rsllm_setup import build_rsllm
 from rsllm_jax.train.nce_pool import nce_pool_size
-from rsllm_jax.train.rsllm_step import rsllm_objective
+from rsllm_jax.train.rsllm_step import listwise_packing, rsllm_objective
 from rsllm_jax.checkpoint import user_states
 from rsllm_jax.train import crossfit, loop
 from rsllm_jax.run_files import is_writer, write_json_atomic
@@ -174,7 +174,7 @@ def run_stage(cfg, workdir: str, *, llm=None) -> dict:
         builders, num_items={n: sp.num_items for n, sp in splits.items()}, num_candidates=cfg.data.num_candidates,
         seed=cfg.seed, batch_size=bs, use_ids=use_ids,
         curriculum_steps=total_steps if (cfg.train.curriculum and use_ids) else 0,
-        distill=bool(cfg.loss.weight_distill) and use_ids, order=order,
+        distill=bool(cfg.loss.weight_distill) and use_ids, order=order, listwise=listwise_packing(cfg.loss),
     )
     data_iter = iter(train_batches(records, example, global_batch_size=bs, seed=cfg.seed,
                                    buckets=cfg.prompts.buckets, worker_count=cfg.data.grain_workers))

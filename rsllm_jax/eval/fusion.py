@@ -104,7 +104,7 @@ def evaluate(run_dir: str, sasrec_dir: str, split) -> dict:
     """Val and test HR@1 at every weight and gate share, the weight and share val picks, and the test
     hits at each choice."""
     out = {"weights": [str(w) for w in WEIGHTS], "gate_shares": list(GATE_SHARES)}
-    per_split, scores = {}, {}
+    per_split = {}  # name -> (records in score order, LLM scores, SASRec logits, target positions)
     for name, sub in SPLIT_DIRS.items():
         records = getattr(split, name)
         path = os.path.join(run_dir, sub, f"predictions_{name}.jsonl")
@@ -113,37 +113,46 @@ def evaluate(run_dir: str, sasrec_dir: str, split) -> dict:
                                     "(experiments --likelihood writes it)")
         rows, ll = read_scores(path, records)
         recs = [records[i] for i in rows]
-        logits = sasrec_logits(sasrec_dir, records, name)[rows]
         target = np.asarray([r["candidates"].index(r["target"]) for r in recs])
-        hits = {w: (fused_top(ll, logits, w) == target).astype(int) for w in WEIGHTS}
-        per_split[name] = (recs, hits)
-        scores[name] = (ll, logits, target)
-        out[f"{name}_hr1"] = [float(hits[w].mean()) for w in WEIGHTS]
+        per_split[name] = (recs, ll, sasrec_logits(sasrec_dir, records, name)[rows], target)
         out[f"{name}_rows"] = len(rows)
-    val_hr = out["val_hr1"]
-    best = int(np.argmax(val_hr))  # first on ties: the smallest weight, the most LLM
-    recs, hits = per_split["test"]
-    w = WEIGHTS[best]
-    out.update(chosen_weight=str(w), test_hr1_at_chosen=out["test_hr1"][best],
-               test_hits={str(r["user"]): int(h) for r, h in zip(recs, hits[w])})
-    taus = gate_thresholds(margin(scores["val"][0]))
-    for name, (ll, logits, target) in scores.items():
+    taus = gate_thresholds(margin(per_split["val"][1]))
+    for name, (_, ll, logits, target) in per_split.items():
+        out[f"{name}_hr1"] = [float((fused_top(ll, logits, w) == target).mean()) for w in WEIGHTS]
         out[f"gate_{name}_hr1"] = [float((gated_top(ll, logits, t) == target).mean()) for t in taus]
+    recs, ll, logits, target = per_split["test"]
+    users = [str(r["user"]) for r in recs]
+    best = int(np.argmax(out["val_hr1"]))  # first on ties: the smallest weight, the most LLM
+    out.update(chosen_weight=str(WEIGHTS[best]), test_hr1_at_chosen=out["test_hr1"][best],
+               test_hits=dict(zip(users, (fused_top(ll, logits, WEIGHTS[best]) == target).astype(int).tolist())))
     g = int(np.argmax(out["gate_val_hr1"]))
-    ll, logits, target = scores["test"]
     out.update(gate_share=GATE_SHARES[g],
                gate_threshold=taus[g] if math.isfinite(taus[g]) else str(taus[g]), gate_test_hr1_at_chosen=out["gate_test_hr1"][g],
                gate_test_llm_share=float((margin(ll) >= taus[g]).mean()),
-               gate_test_hits={str(r["user"]): int(h) for r, h in
-                               zip(recs, gated_top(ll, logits, taus[g]) == target)})
+               gate_test_hits=dict(zip(users, (gated_top(ll, logits, taus[g]) == target).astype(int).tolist())))
     return out
+
+
+def write_hits(result: dict, run: str, dataset: str, split, out_dir: str) -> list[str]:
+    """The fusion's and the gate's per-row test hits at their validation choices, as eval.paired sides:
+    <out_dir>/<dataset>-<run>-fusion.json and -gate.json. Returns the two paths."""
+    from rsllm_jax.eval import paired
+    from rsllm_jax.run_files import write_json_atomic
+
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{dataset}-{paired.hits_file_name(run)}")
+    paths = []
+    for suffix, label, hits in (("fusion", f"w={result['chosen_weight']}", result["test_hits"]),
+                                ("gate", f"share={result['gate_share']}", result["gate_test_hits"])):
+        paths.append(base.replace(".json", f"-{suffix}.json"))
+        write_json_atomic(paths[-1], paired.hits_record(f"{run}:{suffix}({label})", hits, dataset, split.test))
+    return paths
 
 
 def main(argv) -> None:
     from absl import flags
 
     from rsllm_jax.data.splits import load_split
-    from rsllm_jax.eval import paired
     from rsllm_jax.run_files import write_json_atomic
 
     f = flags.FLAGS
@@ -159,16 +168,8 @@ def main(argv) -> None:
     if f.out:
         write_json_atomic(f.out, {k: v for k, v in r.items() if not k.endswith("test_hits")})
     if f.save_hits:
-        os.makedirs(f.save_hits, exist_ok=True)
-        path = os.path.join(f.save_hits, f"{f.dataset}-{paired.hits_file_name(f.run)}".replace(".json", "-fusion.json"))
-        write_json_atomic(path, paired.hits_record(f"{f.run}:fusion(w={r['chosen_weight']})", r["test_hits"],
-                                                   f.dataset, split.test))
-        print(f"test hits at the chosen weight -> {path}")
-        path = path.replace("-fusion.json", "-gate.json")
-        write_json_atomic(path, paired.hits_record(f"{f.run}:gate(share={r['gate_share']})", r["gate_test_hits"],
-                                                   f.dataset, split.test))
-        print(f"test hits of the gate at the chosen share -> {path}")
-
+        for path in write_hits(r, f.run, f.dataset, split, f.save_hits):
+            print(f"test hits at the validation choice -> {path}")
 
 if __name__ == "__main__":
     from absl import app, flags

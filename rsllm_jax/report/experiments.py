@@ -729,13 +729,7 @@ def save_hits(opts, run: Run, runs: list[Run]) -> dict:
                            gate_test_llm_share=r["gate_test_llm_share"],
                            gate_val_hr1=dict(zip(map(str, r["gate_shares"]), r["gate_val_hr1"])),
                            gate_test_hr1=dict(zip(map(str, r["gate_shares"]), r["gate_test_hr1"])))
-            base = os.path.join(out_dir, f"{opts.dataset}-{paired.hits_file_name(run.workdir)}")
-            write_json_atomic(base.replace(".json", "-fusion.json"),
-                              paired.hits_record(f"{run.workdir}:fusion(w={r['chosen_weight']})", r["test_hits"],
-                                                 opts.dataset, split.test))
-            write_json_atomic(base.replace(".json", "-gate.json"),
-                              paired.hits_record(f"{run.workdir}:gate(share={r['gate_share']})", r["gate_test_hits"],
-                                                 opts.dataset, split.test))
+            fusion.write_hits(r, run.workdir, opts.dataset, split, out_dir)
     except (OSError, ValueError, KeyError) as e:
         _log(f"{run.key}: per-row hits not recorded ({e})")
     return metrics
